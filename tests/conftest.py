@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny image trees written into tmp folders, small random-weight nets.
+
+TensorFlow is imported once per pytest process; every model is built with
+`weights=none` at a small input size so the suite runs offline in minutes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SMALL = 32  # input side for tests: every keras.applications net accepts 32 or more
+
+
+def write_png_tree(root: Path, counts: dict[str, int], size=(SMALL, SMALL), seed=0):
+    """Random RGB PNGs (lossless, so tests can recompute the exact pixels)."""
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def png_tree(tmp_path):
+    """Three classes of 32x32 PNGs: 5 + 4 + 6 images."""
+    return write_png_tree(tmp_path / "images", {"ant": 5, "bee": 4, "cat": 6})
+
+
+def load_pngs(root: Path, relative_paths: list[str]) -> np.ndarray:
+    """The exact pixels of PNG files, float32, for independent computations."""
+    return np.stack(
+        [np.asarray(Image.open(root / p).convert("RGB"), np.float32) for p in relative_paths]
+    )
+
+
+def settings(**overrides):
+    """Extraction settings for a tiny random-weight VGG16 (fast to build and run)."""
+    from tl.features import ExtractionSettings
+
+    base = dict(backbone="vgg16", weights="none", image_size=SMALL,
+                layers=("block2", "block3", "block5"), pooling="avg")
+    return ExtractionSettings(**{**base, **overrides})

@@ -1,0 +1,29 @@
+"""tl: transfer learning for images on Keras 3.
+
+Extract CNN codes of several layers of a `keras.applications` backbone in one pass
+(`tl.extract`), read them back (`tl.FeatureStore`), and compare classifiers per layer.
+Names are imported lazily, so `import tl` (and a script's --help) does not load
+TensorFlow.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ExtractionSettings": "tl.features",
+    "extract": "tl.features",
+    "resume": "tl.features",
+    "FeatureStore": "tl.store",
+    "merge_stores": "tl.store",
+    "get_backbone": "tl.backbones",
+    "list_backbones": "tl.backbones",
+    "TLError": "tl.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tl' has no attribute {name!r}")
