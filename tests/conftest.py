@@ -39,7 +39,10 @@ def png_tree(tmp_path):
 def load_pngs(root: Path, relative_paths: list[str]) -> np.ndarray:
     """The exact pixels of PNG files, float32, for independent computations."""
     return np.stack(
-        [np.asarray(Image.open(root / p).convert("RGB"), np.float32) for p in relative_paths]
+        [
+            np.asarray(Image.open(root / p).convert("RGB"), np.float32)
+            for p in relative_paths
+        ]
     )
 
 
@@ -47,6 +50,11 @@ def settings(**overrides):
     """Extraction settings for a tiny random-weight VGG16 (fast to build and run)."""
     from tl.features import ExtractionSettings
 
-    base = dict(backbone="vgg16", weights="none", image_size=SMALL,
-                layers=("block2", "block3", "block5"), pooling="avg")
+    base = dict(
+        backbone="vgg16",
+        weights="none",
+        image_size=SMALL,
+        layers=("block2", "block3", "block5"),
+        pooling="avg",
+    )
     return ExtractionSettings(**{**base, **overrides})

@@ -21,7 +21,7 @@ from tl.store import FeatureStore, merge_stores
 
 def numpy_pool(maps: np.ndarray, pooling: str) -> np.ndarray:
     """Reference pooling of (N, H, W, C) maps, written independently of tl."""
-    n, h, w, c = maps.shape
+    n, h, w, _c = maps.shape
     if pooling == "avg":
         return maps.mean(axis=(1, 2))
     if pooling == "max":
@@ -88,7 +88,9 @@ def test_codes_equal_plain_keras_model_and_numpy_pooling(
             expected = numpy_pool(plain.predict(inputs, verbose=0), pooling)
             got = store.read(layer)
             assert got.shape == expected.shape
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+            np.testing.assert_allclose(
+                got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+            )
 
 
 def test_rows_follow_sorted_classes_and_files(png_tree, tmp_path):
@@ -112,8 +114,12 @@ def test_rows_follow_sorted_classes_and_files(png_tree, tmp_path):
         )
         extract(tmp_path / "one", single, settings(layers=["block2"]), progress=False)
         with FeatureStore(single) as alone:
-            np.testing.assert_allclose(alone.read("block2_pool")[0],
-                                       store.read("block2_pool")[7], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                alone.read("block2_pool")[0],
+                store.read("block2_pool")[7],
+                rtol=1e-5,
+                atol=1e-6,
+            )
 
 
 def test_three_layers_in_one_pass_equal_separate_runs(png_tree, tmp_path):
@@ -125,16 +131,21 @@ def test_three_layers_in_one_pass_equal_separate_runs(png_tree, tmp_path):
             requested = store.layer_info[store.layers.index(layer)]["requested"]
             extract(png_tree, alone, settings(layers=[requested]), progress=False)
             with FeatureStore(alone) as single:
-                np.testing.assert_allclose(store.read(layer), single.read(layer),
-                                           rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(
+                    store.read(layer), single.read(layer), rtol=1e-5, atol=1e-6
+                )
 
 
 def test_metadata_records_how_codes_were_made(png_tree, tmp_path, vgg_weights):
     from tl.backbones import sha256_of_file
 
     output = tmp_path / "codes.h5"
-    extract(png_tree, output, settings(weights=str(vgg_weights), dtype="float16"),
-            progress=False)
+    extract(
+        png_tree,
+        output,
+        settings(weights=str(vgg_weights), dtype="float16"),
+        progress=False,
+    )
     with FeatureStore(output) as store:
         assert store.settings["backbone"] == "vgg16"
         assert store.settings["weights_sha256"] == sha256_of_file(vgg_weights)
@@ -153,8 +164,12 @@ def test_bfloat16_codes_close_to_float32(png_tree, tmp_path):
     full = tmp_path / "f32.h5"
     half = tmp_path / "bf16.h5"
     extract(png_tree, full, settings(layers=["block3"]), progress=False)
-    extract(png_tree, half, settings(layers=["block3"], precision="bfloat16"),
-            progress=False)
+    extract(
+        png_tree,
+        half,
+        settings(layers=["block3"], precision="bfloat16"),
+        progress=False,
+    )
     with FeatureStore(full) as a, FeatureStore(half) as b:
         x, y = a.read("block3_pool"), b.read("block3_pool")
         assert b.read("block3_pool").dtype == np.float32
@@ -168,8 +183,9 @@ def test_bad_files_are_listed_with_reasons_and_the_rest_kept(png_tree, tmp_path)
     data = (png_tree / "ant" / "img_000.png").read_bytes()
     (png_tree / "cat" / "zz_truncated.png").write_bytes(data[: len(data) // 2])
     output = tmp_path / "codes.h5"
-    result = extract(png_tree, output, settings(layers=["block2"]), batch_size=4,
-                     progress=False)
+    result = extract(
+        png_tree, output, settings(layers=["block2"]), batch_size=4, progress=False
+    )
     with FeatureStore(output) as store:
         assert len(store) == 15
         skipped = {path: reason for _, path, reason in store.skipped}
@@ -214,8 +230,14 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_rows(png_tree, tmp
 
     output = tmp_path / "codes.h5"
     with pytest.raises(KeyboardInterrupt):
-        extract(png_tree, output, settings(), batch_size=3, progress=False,
-                on_batch=_interrupt_after(2))
+        extract(
+            png_tree,
+            output,
+            settings(),
+            batch_size=3,
+            progress=False,
+            on_batch=_interrupt_after(2),
+        )
     with pytest.raises(TLError, match="incomplete"):
         FeatureStore(output)
     with FeatureStore(output, require_complete=False) as partial:
@@ -234,8 +256,9 @@ def _assert_same_store(expected_path, got_path):
         assert got.skipped == expected.skipped
         assert got.layers == expected.layers
         for layer in expected.layers:
-            np.testing.assert_allclose(got.read(layer), expected.read(layer),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                got.read(layer), expected.read(layer), rtol=1e-5, atol=1e-6
+            )
 
 
 def test_sigkilled_process_resumes_with_no_duplicate_or_missing_rows(tmp_path):
@@ -271,14 +294,22 @@ def test_sigkilled_process_resumes_with_no_duplicate_or_missing_rows(tmp_path):
 def test_changed_settings_are_refused_unless_overwrite(png_tree, tmp_path):
     output = tmp_path / "codes.h5"
     extract(png_tree, output, settings(layers=["block2"]), progress=False)
-    with pytest.raises(TLError, match=r"pooling: file has \['avg'\], this run asks \['max'\]"):
-        extract(png_tree, output, settings(layers=["block2"], pooling="max"),
-                progress=False)
+    with pytest.raises(
+        TLError, match=r"pooling: file has \['avg'\], this run asks \['max'\]"
+    ):
+        extract(
+            png_tree, output, settings(layers=["block2"], pooling="max"), progress=False
+        )
     write_png_tree(png_tree, {"dog": 1}, seed=9)
     with pytest.raises(TLError, match="input: the file indexed 15 images"):
         extract(png_tree, output, settings(layers=["block2"]), progress=False)
-    extract(png_tree, output, settings(layers=["block2"], pooling="max"),
-            overwrite=True, progress=False)
+    extract(
+        png_tree,
+        output,
+        settings(layers=["block2"], pooling="max"),
+        overwrite=True,
+        progress=False,
+    )
     with FeatureStore(output) as store:
         assert store.settings["pooling"] == ["max"]
         assert len(store) == 16
@@ -291,9 +322,10 @@ def test_shards_merge_into_the_single_run_store(png_tree, tmp_path):
     shards = []
     for i in range(3):
         shards.append(tmp_path / f"shard{i}.h5")
-        extract(png_tree, shards[-1], settings(), shard=(i, 3), batch_size=4,
-                progress=False)
-    with pytest.raises(TLError, match="each of 0..2 exactly once"):
+        extract(
+            png_tree, shards[-1], settings(), shard=(i, 3), batch_size=4, progress=False
+        )
+    with pytest.raises(TLError, match=r"each of 0\.\.2 exactly once"):
         merge_stores(shards[:2], tmp_path / "partial.h5")
     merged = merge_stores(list(reversed(shards)), tmp_path / "merged.h5")
     _assert_same_store(reference, merged)
@@ -302,11 +334,15 @@ def test_shards_merge_into_the_single_run_store(png_tree, tmp_path):
 def test_refuses_when_codes_do_not_fit_on_disk(png_tree, tmp_path, monkeypatch):
     import shutil
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(
-        10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(
+        shutil,
+        "disk_usage",
+        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000),
+    )
     with pytest.raises(TLError, match=r"need about .* but only 1.0 KB are free"):
-        extract(png_tree, tmp_path / "codes.h5", settings(pooling="flatten"),
-                progress=False)
+        extract(
+            png_tree, tmp_path / "codes.h5", settings(pooling="flatten"), progress=False
+        )
 
 
 def test_pooling_parse_and_shapes():

@@ -1,10 +1,11 @@
-"""Registry of keras.applications backbones: constructor, preprocessing, input size, taps.
+"""Registry of keras.applications backbones: constructor, preprocessing, size, taps.
 
-Each `BackboneSpec` carries what differs between families (Keras' own `preprocess_input`
-of its module, the default input size, friendly layer aliases), so the rest of tl never
-branches on a backbone's name. `build_backbone` resolves the weights (`imagenet`, a local
-file or `none`) and records where they came from; `layer_taps` names the layers a user is
-likely to want (family aliases, `stage1..stageN` by output stride, `last`).
+Each `BackboneSpec` carries what differs between families (Keras' own
+`preprocess_input` of its module, the default input size, friendly layer aliases), so
+the rest of tl never branches on a backbone's name. `build_backbone` resolves the
+weights (`imagenet`, a local file or `none`) and records where they came from;
+`layer_taps` names the layers a user is likely to want (family aliases,
+`stage1..stageN` by output stride, `last`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import difflib
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -279,6 +281,10 @@ def build_backbone(
         seed: seed of the random initialisation, so that `weights=none` models are
             the same in every process (a resumed extraction must see the same net).
 
+    Keras' session state is cleared first: auto-generated layer names
+    (`activation_12`) then do not depend on what the process built before, so the
+    layer names stored with codes always denote the same layers.
+
     Returns:
         The Keras model (outputs the last feature map) and a record of its weights.
 
@@ -287,9 +293,16 @@ def build_backbone(
     """
     weights = normalize_weights(weights)
     constructor = getattr(keras.applications, spec.constructor)
+    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     keras_weights = None if weights == "none" else weights
-    with compute_policy(precision), _recorded_downloads() as calls:
+    with (
+        compute_policy(precision),
+        _recorded_downloads() as calls,
+        warnings.catch_warnings(),
+    ):
+        # A mismatched file raises after Keras warns once per layer; the error says it.
+        warnings.filterwarnings("ignore", "Skipping nested container", UserWarning)
         try:
             model = constructor(
                 include_top=False,
@@ -433,9 +446,9 @@ def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
     for layer in layers:
         seen_trainable = seen_trainable or bool(layer.trainable_weights)
         stride = strides[layer.name]
-        if seen_trainable and stride and layer.name in cuts:
-            if not isinstance(layer, _PLUMBING):
-                stage_last[stride] = layer.name
+        plumbing = isinstance(layer, _PLUMBING)
+        if seen_trainable and stride and layer.name in cuts and not plumbing:
+            stage_last[stride] = layer.name
     for number, stride in enumerate(sorted(stage_last), start=1):
         aliases[f"stage{number}"] = stage_last[stride]
     final = model.outputs[0]._keras_history.operation.name

@@ -1,4 +1,4 @@
-"""Feature extraction: CNN codes of several layers in one forward pass, streamed to a store.
+"""Feature extraction: CNN codes of several layers in one pass, streamed to a store.
 
 `build_extractor` wraps a backbone into one multi-output Keras model that takes raw
 pixels, preprocesses them the backbone's way, taps the requested layers and pools each
@@ -263,7 +263,8 @@ class ExtractionSettings:
         check_precision(self.precision)
         if self.dtype not in OUTPUT_DTYPES:
             raise TLError(
-                f"Unknown dtype {self.dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}."
+                f"Unknown dtype {self.dtype!r}; choose one of "
+                f"{', '.join(OUTPUT_DTYPES)}."
             )
 
     def to_json(self) -> dict:
@@ -403,7 +404,8 @@ def storage_plan(layer_info: list[dict], images: int) -> tuple[list[str], int]:
         lines.append(
             f"  {info['requested']:>14} = {info['layer']:<24} {raw:>14} "
             f"-> {info['pooling']:<9} {math.prod(info['shape']):>9} values "
-            f"{_format_bytes(per_image):>9}/image {_format_bytes(per_image * images):>9}"
+            f"{_format_bytes(per_image):>9}/image "
+            f"{_format_bytes(per_image * images):>9}"
         )
     return lines, total
 
@@ -440,7 +442,8 @@ def _open_store(
             if existing.index_sha256 != index.fingerprint():
                 differences.append(
                     f"input: the file indexed {existing.num_images} images, "
-                    f"{str(index.root)!r} now gives {num_images} (or other paths/labels)"
+                    f"{str(index.root)!r} now gives {num_images} (or other paths or "
+                    f"labels)"
                 )
             complete = existing.complete
         if differences:
@@ -559,7 +562,7 @@ def extract(
         writer.finish()
     with FeatureStore(output) as store:
         result = ExtractionResult(output, len(store), store.skipped, remaining, seconds)
-    for position, path, reason in result.skipped:
+    for _, path, reason in result.skipped:
         log.warning("skipped %s: %s", path, reason)
     return result
 

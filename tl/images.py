@@ -1,4 +1,4 @@
-"""Input side: index an image source, then decode and resize it in parallel with tf.data.
+"""Input: index an image source, then decode and resize it in parallel with tf.data.
 
 An `ImageIndex` is the deterministic list of images to process: a folder with one
 sub-folder per class (sorted class names, sorted files, hidden entries ignored), a CSV
@@ -54,7 +54,7 @@ class ImageIndex:
         return [str(self.root / path) for path in self.paths]
 
     def fingerprint(self) -> str:
-        """SHA-256 of the paths, labels and class names: the identity of a run's input."""
+        """SHA-256 of paths, labels and class names: the identity of a run's input."""
         digest = hashlib.sha256()
         for name in self.class_names:
             digest.update(f"class\t{name}\n".encode())
@@ -320,7 +320,7 @@ def _clean_tf_message(message: str) -> str:
 
 
 def diagnose(path: str, settings: ImageSettings) -> str:
-    """Why `path` cannot be turned into an input: the reason stored for skipped files."""
+    """Why `path` cannot become a model input: the reason stored for skipped files."""
     try:
         contents = Path(path).read_bytes()
     except OSError as error:

@@ -26,7 +26,10 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list:
         corners = 10
         radii = [r if i % 2 == 0 else r * 0.45 for i in range(corners)]
     angles = angle + np.arange(corners) * 2 * np.pi / corners
-    return [(cx + q * np.cos(a), cy + q * np.sin(a)) for q, a in zip(radii, angles, strict=True)]
+    return [
+        (cx + q * np.cos(a), cy + q * np.sin(a))
+        for q, a in zip(radii, angles, strict=True)
+    ]
 
 
 def shape_image(

@@ -1,0 +1,36 @@
+# Two entry points work on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install the project into it first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The demo machine may be offline (ImageNet weights cannot be downloaded):
+# `make demo WEIGHTS=imagenet` (or a weights file path) gives real features.
+WEIGHTS ?= none
+DEMO_DATA := data/shapes
+
+.PHONY: demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(DEMO_DATA): | $(VENV)/.installed
+	$(PY) -c "from tl.synthetic import make_shapes_dataset as m; m('$(DEMO_DATA)', per_class=40)"
+
+demo: $(VENV)/.installed $(DEMO_DATA)
+	$(PY) extract_features.py $(DEMO_DATA) --backbone mobilenetv2 --weights $(WEIGHTS) \
+		--layers stage3 stage4 last --pooling avg --output features/shapes_mobilenetv2.h5
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff format --check . && $(PY) -m ruff check .
+
+bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) bench/extraction.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DATA) features/*.h5
