@@ -18,22 +18,25 @@ EXIT_INTERRUPTED = 130
 
 
 def import_tensorflow_quietly() -> None:
-    """Import TensorFlow and probe its devices with C++ stderr muted.
+    """Import TensorFlow and set up its GPUs with native stderr muted.
 
     TensorFlow's native start-up messages (oneDNN notice, CUDA probing on machines
     without a GPU) are written before its log level applies; they would bury the
-    scripts' own output. Set TL_TF_LOGS=1 to see them.
+    scripts' own output. Set TL_TF_LOGS=1 to see them. GPUs get memory growth, so
+    that several shard processes can share one GPU.
     """
-    if os.environ.get("TL_TF_LOGS") or "tensorflow" in sys.modules:
+    if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
+        if not os.environ.get("TL_TF_LOGS"):
+            os.dup2(devnull, 2)
         import tensorflow as tf
 
-        tf.config.list_physical_devices()
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
