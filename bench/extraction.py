@@ -120,22 +120,35 @@ def measured(command: list[str], env: dict | None = None) -> tuple[float, float]
 def section_a(results: dict, images: int, weights_vgg: str) -> None:
     print("\n(a) end-to-end extraction vs pure inference, 224x224, layer 'last', avg")
     folder = jpeg_folder(images)
-    print(f"{'backbone':<16}{'inference img/s':>17}{'extract img/s':>15}{'ratio':>8}"
-          f"{'target':>8}")
-    for backbone, target in [("vgg16", 0.9), ("resnet50", 0.9), ("mobilenetv2", 0.8),
-                             ("efficientnetb0", 0.8)]:  # fmt: skip
+    print(
+        f"{'backbone':<16}{'inference img/s':>17}{'extract img/s':>15}{'ratio':>8}"
+        f"{'target':>8}"
+    )
+    for backbone, target in [
+        ("vgg16", 0.9),
+        ("resnet50", 0.9),
+        ("mobilenetv2", 0.8),
+        ("efficientnetb0", 0.8),
+    ]:
         settings = ExtractionSettings(
-            backbone=backbone, weights=weights_vgg if backbone == "vgg16" else "none",
-            layers=["last"], image_size=224,
-        )  # fmt: skip
+            backbone=backbone,
+            weights=weights_vgg if backbone == "vgg16" else "none",
+            layers=["last"],
+            image_size=224,
+        )
         ceiling = inference_rate(settings, images)
         rate, total = extraction_rate(folder, settings, OUT / f"a_{backbone}.h5")
         results.setdefault("a", {})[backbone] = {
-            "inference_images_per_s": ceiling, "extract_images_per_s": rate,
-            "ratio": rate / ceiling, "extract_total_s": total, "target": target,
-        }  # fmt: skip
-        print(f"{backbone:<16}{ceiling:>17.1f}{rate:>15.1f}{rate / ceiling:>8.2f}"
-              f"{target:>8.2f}")
+            "inference_images_per_s": ceiling,
+            "extract_images_per_s": rate,
+            "ratio": rate / ceiling,
+            "extract_total_s": total,
+            "target": target,
+        }
+        print(
+            f"{backbone:<16}{ceiling:>17.1f}{rate:>15.1f}{rate / ceiling:>8.2f}"
+            f"{target:>8.2f}"
+        )
 
 
 def section_b(results: dict, images: int, weights_vgg: str) -> None:
@@ -148,33 +161,64 @@ def section_b(results: dict, images: int, weights_vgg: str) -> None:
     for backbone, weights, layers in cases:
         rates = {}
         for label, selected in (("1 layer", layers[-1:]), ("3 layers", layers)):
-            settings = ExtractionSettings(backbone=backbone, weights=weights,
-                                          layers=selected, image_size=224)
+            settings = ExtractionSettings(
+                backbone=backbone, weights=weights, layers=selected, image_size=224
+            )
             rates[label], _ = extraction_rate(folder, settings, OUT / "b.h5")
         cost = rates["1 layer"] / rates["3 layers"]
         results.setdefault("b", {})[backbone] = {**rates, "time_ratio_3_vs_1": cost}
-        print(f"{backbone:<10} 1 layer {rates['1 layer']:.1f} img/s, 3 layers "
-              f"{rates['3 layers']:.1f} img/s: 3 layers cost {cost:.3f}x (target <= 1.1)")
+        print(
+            f"{backbone:<10} 1 layer {rates['1 layer']:.1f} img/s, 3 layers "
+            f"{rates['3 layers']:.1f} img/s: 3 layers cost {cost:.3f}x (target <= 1.1)"
+        )
 
 
 def section_cd(results: dict, images: int) -> None:
-    print("\n(c, d) tl vs the naive way, ResNet50, 3 layers (separate processes; wall "
-          "time includes start-up and model build)")
+    print(
+        "\n(c, d) tl vs the naive way, ResNet50, 3 layers (separate processes; wall "
+        "time includes start-up and model build)"
+    )
     rows = {}
     for count in (images, 4 * images):
         folder = jpeg_folder(count)
         output = OUT / f"cd_{count}.h5"
         output.unlink(missing_ok=True)
-        tl_run = measured([sys.executable, str(ROOT / "extract_features.py"),
-                           str(folder), "--backbone", "resnet50", "--weights", "none",
-                           "--layers", *RESNET_LAYERS, "--output", str(output), "-q"])  # fmt: skip
-        naive_run = measured([sys.executable, str(HERE / "naive_extraction.py"),
-                              str(folder), "resnet50", *RESNET_LAYERS])  # fmt: skip
-        rows[count] = {"tl_s": tl_run[0], "tl_peak_mib": tl_run[1],
-                       "naive_s": naive_run[0], "naive_peak_mib": naive_run[1]}  # fmt: skip
-        print(f"N={count:<5} tl {tl_run[0]:6.1f} s, peak {tl_run[1]:6.0f} MiB | naive "
-              f"{naive_run[0]:6.1f} s, peak {naive_run[1]:6.0f} MiB | tl is "
-              f"{naive_run[0] / tl_run[0]:.2f}x faster")
+        tl_run = measured(
+            [
+                sys.executable,
+                str(ROOT / "extract_features.py"),
+                str(folder),
+                "--backbone",
+                "resnet50",
+                "--weights",
+                "none",
+                "--layers",
+                *RESNET_LAYERS,
+                "--output",
+                str(output),
+                "-q",
+            ]
+        )
+        naive_run = measured(
+            [
+                sys.executable,
+                str(HERE / "naive_extraction.py"),
+                str(folder),
+                "resnet50",
+                *RESNET_LAYERS,
+            ]
+        )
+        rows[count] = {
+            "tl_s": tl_run[0],
+            "tl_peak_mib": tl_run[1],
+            "naive_s": naive_run[0],
+            "naive_peak_mib": naive_run[1],
+        }
+        print(
+            f"N={count:<5} tl {tl_run[0]:6.1f} s, peak {tl_run[1]:6.0f} MiB | naive "
+            f"{naive_run[0]:6.1f} s, peak {naive_run[1]:6.0f} MiB | tl is "
+            f"{naive_run[0] / tl_run[0]:.2f}x faster"
+        )
     small, large = rows[images], rows[4 * images]
     growth = (large["naive_peak_mib"] - small["naive_peak_mib"]) / (3 * images)
     summary = {
@@ -184,10 +228,14 @@ def section_cd(results: dict, images: int) -> None:
         "speedup_4n": large["naive_s"] / large["tl_s"],
     }
     results["cd"] = {"runs": rows, **summary}
-    print(f"peak RSS 4N/N: tl {summary['tl_rss_4n_over_n']:.3f} (target <= 1.10); "
-          f"naive grows {growth:.2f} MiB per image")
-    print(f"wall time: tl {summary['speedup_n']:.2f}x faster at N, "
-          f"{summary['speedup_4n']:.2f}x at 4N (target >= 3)")
+    print(
+        f"peak RSS 4N/N: tl {summary['tl_rss_4n_over_n']:.3f} (target <= 1.10); "
+        f"naive grows {growth:.2f} MiB per image"
+    )
+    print(
+        f"wall time: tl {summary['speedup_n']:.2f}x faster at N, "
+        f"{summary['speedup_4n']:.2f}x at 4N (target >= 3)"
+    )
 
 
 def section_e(results: dict, images: int, weights_vgg: str) -> None:
@@ -196,29 +244,50 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
     layers = ["block3_pool", "block4_pool", "block5_pool"]
     figures, stores = {}, {}
     for precision in ("float32", "bfloat16"):
-        settings = ExtractionSettings(backbone="vgg16", weights=weights_vgg,
-                                      layers=layers, image_size=224, precision=precision)
+        settings = ExtractionSettings(
+            backbone="vgg16",
+            weights=weights_vgg,
+            layers=layers,
+            image_size=224,
+            precision=precision,
+        )
         stores[precision] = OUT / f"e_{precision}.h5"
         rate, _ = extraction_rate(folder, settings, stores[precision])
-        figures[precision] = {"extract": rate, "inference": inference_rate(settings, images)}
+        figures[precision] = {
+            "extract": rate,
+            "inference": inference_rate(settings, images),
+        }
     cosines = {}
-    with FeatureStore(stores["float32"]) as full, FeatureStore(stores["bfloat16"]) as half:
+    with (
+        FeatureStore(stores["float32"]) as full,
+        FeatureStore(stores["bfloat16"]) as half,
+    ):
         for layer in layers:
             x, y = full.read(layer), half.read(layer)
             cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
             cosines[layer] = {"min": float(cos.min()), "mean": float(cos.mean())}
     speedup = figures["bfloat16"]["extract"] / figures["float32"]["extract"]
     speedup_inf = figures["bfloat16"]["inference"] / figures["float32"]["inference"]
-    results["e"] = {"rates": figures, "speedup_extract": speedup,
-                    "speedup_inference": speedup_inf, "cosine": cosines}  # fmt: skip
+    results["e"] = {
+        "rates": figures,
+        "speedup_extract": speedup,
+        "speedup_inference": speedup_inf,
+        "cosine": cosines,
+    }
     for precision, rate in figures.items():
-        print(f"{precision:<9} extract {rate['extract']:.1f} img/s, inference "
-              f"{rate['inference']:.1f} img/s")
-    print(f"bfloat16 speed-up: {speedup:.2f}x end to end, {speedup_inf:.2f}x inference "
-          f"(target >= 3)")
+        print(
+            f"{precision:<9} extract {rate['extract']:.1f} img/s, inference "
+            f"{rate['inference']:.1f} img/s"
+        )
+    print(
+        f"bfloat16 speed-up: {speedup:.2f}x end to end, {speedup_inf:.2f}x inference "
+        f"(target >= 3)"
+    )
     for layer, cos in cosines.items():
-        print(f"  cosine to float32 {layer}: min {cos['min']:.5f}, mean {cos['mean']:.5f}"
-              f" (target >= 0.9999)")
+        print(
+            f"  cosine to float32 {layer}: min {cos['min']:.5f}, mean {cos['mean']:.5f}"
+            f" (target >= 0.9999)"
+        )
 
 
 def main() -> None:
@@ -227,12 +296,20 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d", "e"])
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    flags = open("/proc/cpuinfo").read()
-    cpu = next((line.split(":")[1].strip() for line in flags.splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    print(f"machine: {cpu}, {os.cpu_count()} cores, AMX: {'amx_bf16' in flags}, "
-          f"AVX512-BF16: {'avx512_bf16' in flags}, GPUs: "
-          f"{len(tf.config.list_physical_devices('GPU'))}; TensorFlow {tf.__version__}")
+    flags = Path("/proc/cpuinfo").read_text()
+    cpu = next(
+        (
+            line.split(":")[1].strip()
+            for line in flags.splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"machine: {cpu}, {os.cpu_count()} cores, AMX: {'amx_bf16' in flags}, "
+        f"AVX512-BF16: {'avx512_bf16' in flags}, GPUs: "
+        f"{len(tf.config.list_physical_devices('GPU'))}; TensorFlow {tf.__version__}"
+    )
     results = {"images": args.images, "cpu": cpu, "cores": os.cpu_count()}
     weights_vgg = vgg16_weights()
     if "a" in args.sections:

