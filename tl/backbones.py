@@ -347,12 +347,14 @@ class Tap:
         stride: input side divided by output side, rounded to a power of two
             (None for non-spatial outputs).
         aliases: friendly names that resolve to this layer.
+        depth: position of the layer in the network's topological order.
     """
 
     layer: str
     shape: tuple[int, ...]
     stride: int | None
     aliases: tuple[str, ...] = ()
+    depth: int = 0
 
 
 def _output_shape(layer) -> tuple[int | None, ...] | None:
@@ -459,8 +461,14 @@ def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
         if layer_name is not None:
             by_layer.setdefault(layer_name, []).append(alias)
     return [
-        Tap(name, shapes[name] or (), strides[name], tuple(by_layer.get(name, ())))
-        for name in names
+        Tap(
+            name,
+            shapes[name] or (),
+            strides[name],
+            tuple(by_layer.get(name, ())),
+            depth,
+        )
+        for depth, name in enumerate(names)
     ]
 
 

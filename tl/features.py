@@ -15,7 +15,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -310,6 +310,7 @@ class Extractor:
                 "layer": tap.layer,
                 "raw_shape": list(tap.shape),
                 "stride": tap.stride,
+                "depth": tap.depth,
                 "pooling": str(pooling),
                 "shape": list(pooling.output_shape(tap.shape)),
                 "dtype": self.settings.dtype,
@@ -567,6 +568,52 @@ def extract(
     return result
 
 
+@dataclasses.dataclass
+class CodeBatch:
+    """One forward pass: codes of the images at `positions`, and the positions
+    before `end` that the input pipeline dropped, with the reason for each."""
+
+    positions: np.ndarray
+    codes: dict[str, np.ndarray]
+    skipped: list[tuple[int, str]]
+    end: int
+
+
+def iter_codes(
+    extractor: Extractor, paths: Sequence[str], first: int, batch_size: int
+) -> Iterator[CodeBatch]:
+    """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed.
+
+    Positions missing between two batches are files that could not be decoded;
+    they are reported with the batch that follows them (or in a last batch of no
+    rows when they come after the last decodable file).
+    """
+    settings = extractor.image_settings
+    run = compiled_extractor(extractor.model)
+    stop = len(paths)
+    batches = image_batches(
+        list(paths[first:]), np.arange(first, stop), settings, batch_size
+    )
+    expected = first
+
+    def dropped(present: np.ndarray, end: int) -> list[tuple[int, str]]:
+        present = set(present.tolist())
+        return [
+            (position, diagnose(paths[position], settings))
+            for position in range(expected, end)
+            if position not in present
+        ]
+
+    for positions, images in batches:
+        codes = {key: value.numpy() for key, value in run(images).items()}
+        positions = positions.numpy()
+        end = int(positions[-1]) + 1
+        yield CodeBatch(positions, codes, dropped(positions, end), end)
+        expected = end
+    if expected < stop:
+        yield CodeBatch(np.empty(0, np.int64), {}, dropped(np.empty(0), stop), stop)
+
+
 def _run(
     extractor: Extractor,
     index: ImageIndex,
@@ -577,45 +624,11 @@ def _run(
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
 ) -> None:
-    """The loop: decode in parallel, one forward pass per batch, append, commit.
-
-    Positions missing between two batches are files the input pipeline dropped;
-    they are diagnosed and committed as skipped with the batch that follows them.
-    """
-    settings = extractor.image_settings
-    paths = index.absolute_paths()
-    run = compiled_extractor(extractor.model)
-    expected = slice_start + writer.images_done
-    batches = image_batches(
-        paths[expected:stop], np.arange(expected, stop), settings, batch_size
-    )
+    """The loop: codes batch by batch, appended and committed with skipped files."""
+    paths = index.absolute_paths()[:stop]
+    first = slice_start + writer.images_done
     total = stop - slice_start
     skipped_count = 0
-
-    def commit(codes, positions, end: int) -> None:
-        nonlocal expected, skipped_count
-        present = set(positions.tolist())
-        skipped = [
-            (position, index.paths[position], diagnose(paths[position], settings))
-            for position in range(expected, end)
-            if position not in present
-        ]
-        writer.write_batch(
-            codes,
-            positions,
-            index.labels[positions],
-            [index.paths[p] for p in positions],
-            skipped,
-            images_done=end - slice_start,
-        )
-        bar.update(end - expected)
-        skipped_count += len(skipped)
-        if skipped:
-            bar.set_postfix(skipped=skipped_count)
-        expected = end
-        if on_batch:
-            on_batch(writer.images_done, total)
-
     with tqdm(
         total=total,
         initial=writer.images_done,
@@ -624,12 +637,22 @@ def _run(
         smoothing=0.1,
         dynamic_ncols=True,
     ) as bar:
-        for positions, images in batches:
-            codes = {key: value.numpy() for key, value in run(images).items()}
-            positions = positions.numpy()
-            commit(codes, positions, int(positions[-1]) + 1)
-        if expected < stop:  # files dropped after the last decodable one
-            commit({}, np.empty(0, np.int64), stop)
+        for batch in iter_codes(extractor, paths, first, batch_size):
+            positions = batch.positions
+            writer.write_batch(
+                batch.codes,
+                positions,
+                index.labels[positions],
+                [index.paths[p] for p in positions],
+                [(p, index.paths[p], reason) for p, reason in batch.skipped],
+                images_done=batch.end - slice_start,
+            )
+            bar.update(batch.end - slice_start - bar.n)
+            skipped_count += len(batch.skipped)
+            if batch.skipped:
+                bar.set_postfix(skipped=skipped_count)
+            if on_batch:
+                on_batch(writer.images_done, total)
 
 
 def resume(store: str | Path, **options) -> ExtractionResult:

@@ -67,7 +67,8 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
+    """A non-hidden file name with one of `IMAGE_EXTENSIONS` (any case)."""
     return name.lower().endswith(IMAGE_EXTENSIONS) and not _is_hidden(name)
 
 
@@ -77,7 +78,7 @@ def _images_under(folder: Path, root: Path) -> list[str]:
     for directory, subdirs, files in os.walk(folder, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
         base = Path(directory).relative_to(root)
-        found.extend(str(base / name) for name in sorted(files) if _is_image(name))
+        found.extend(str(base / name) for name in sorted(files) if is_image_file(name))
     return found
 
 
@@ -109,7 +110,7 @@ def index_folder(folder: str | Path, labels: str | None = "inferred") -> ImageIn
             found = _images_under(root / name, root)
             paths += found
             label_list += [number] * len(found)
-        loose = [e for e in entries if _is_image(e)]
+        loose = [e for e in entries if is_image_file(e)]
         index = ImageIndex(
             root, paths, np.asarray(label_list, np.int32), class_dirs, ignored=loose
         )

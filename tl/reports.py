@@ -18,6 +18,7 @@ so that probes and fine-tuned models compare in one table (`results.csv`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -64,3 +65,276 @@ def write_results(rows: list[dict], directory: str | Path) -> pd.DataFrame:
         json.dumps(table.to_dict(orient="records"), indent=1, default=str)
     )
     return table
+
+
+# ---------------------------------------------------------------------------------
+# Leaderboard, plots and report files of a comparison (tl.evaluation)
+
+
+def leaderboard(result) -> pd.DataFrame:
+    """One row per layer × classifier, best first (by the selection criterion).
+
+    Holdout: ranked by CV accuracy on the training rows; test columns are scores on
+    the held-out rows. Nested CV: ranked by the mean over outer folds (cv columns),
+    test columns are those means.
+    """
+    records = []
+    for c in result.candidates:
+        test = c.test or {}
+        records.append(
+            {
+                "layer": c.layer,
+                "classifier": c.classifier,
+                "cv_accuracy": c.cv_mean,
+                "cv_std": c.cv_std,
+                "test_accuracy": test.get("accuracy"),
+                "test_balanced_accuracy": test.get("balanced_accuracy"),
+                "test_macro_f1": test.get("macro_f1"),
+                "params": json.dumps(c.params, default=str) if c.params else "",
+                "fit_seconds": c.fit_seconds,
+            }
+        )
+    table = pd.DataFrame(records).sort_values(
+        ["cv_accuracy", "cv_std"], ascending=[False, True], kind="stable"
+    )
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table.reset_index(drop=True)
+
+
+def format_leaderboard(result) -> str:
+    """The leaderboard as terminal text, with the protocol and the winner's estimate."""
+    table = leaderboard(result)
+    nested = result.settings.protocol == "cv"
+    cv_label = "outer CV acc" if nested else "CV acc (train)"
+    lines = [
+        f"{'#':>2}  {'layer':<24} {'classifier':<11} {cv_label:>15} "
+        f"{'test acc':>8} {'bal acc':>8} {'macro F1':>8} {'fit s':>6}  params"
+    ]
+    for row in table.itertuples():
+        mark = (
+            "*"
+            if (row.layer, row.classifier)
+            == (result.winner.layer, result.winner.classifier)
+            else " "
+        )
+        lines.append(
+            f"{row.rank:>2}{mark} {row.layer:<24} {row.classifier:<11} "
+            f"{row.cv_accuracy:>8.3f} ± {row.cv_std:.3f} "
+            f"{row.test_accuracy:>8.3f} {row.test_balanced_accuracy:>8.3f} "
+            f"{row.test_macro_f1:>8.3f} {_seconds(row.fit_seconds):>6}  {row.params}"
+        )
+    lines.append("")
+    lines.append(protocol_summary(result))
+    return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    return "" if value != value else f"{value:.1f}"  # NaN: not fitted alone (nested)
+
+
+def protocol_summary(result) -> str:
+    """One paragraph: which protocol, and the winner's unbiased estimate."""
+    w, estimate = result.winner, result.winner_estimate
+    if estimate["protocol"] == "holdout":
+        split = result.split
+        held = (
+            f"a separate test store ({split['test']} rows)"
+            if "test_store" in split
+            else f"a stratified held-out split ({split['test']} of "
+            f"{split['train'] + split['test']} rows)"
+        )
+        return (
+            f"Protocol: holdout. Hyper-parameters, layer and classifier were chosen "
+            f"by {split['folds']}-fold CV on the {split['train']} training rows only. "
+            f"Winner (*): {w.layer} + {w.classifier} {w.params}; on {held}, which "
+            f"played no part in choosing it: accuracy {estimate['accuracy']:.3f}, "
+            f"balanced accuracy {estimate['balanced_accuracy']:.3f}, macro-F1 "
+            f"{estimate['macro_f1']:.3f}."
+        )
+    return (
+        f"Protocol: nested CV ({result.split['outer_folds']} outer folds). Each outer "
+        f"fold chose layer, classifier and hyper-parameters on its training part; the "
+        f"chosen models scored accuracy {estimate['accuracy']:.3f} ± "
+        f"{estimate['accuracy_std']:.3f}, balanced accuracy "
+        f"{estimate['balanced_accuracy']:.3f} ± "
+        f"{estimate['balanced_accuracy_std']:.3f}, macro-F1 "
+        f"{estimate['macro_f1']:.3f} ± {estimate['macro_f1_std']:.3f} on the "
+        f"held-out folds: the estimate for the whole procedure. Final model (*): "
+        f"{w.layer} + {w.classifier} {w.params}, refit on all rows."
+    )
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layers(result, path: str | Path, depth: dict[str, int]) -> Path:
+    """Accuracy against layer depth, one line per classifier (CV mean ± std, and
+    held-out test accuracy for the holdout protocol)."""
+    plt = _pyplot()
+    layers = sorted(result.layer_order, key=lambda layer: depth.get(layer, 0))
+    x = np.arange(len(layers))
+    figure, axis = plt.subplots(figsize=(max(5, 1.3 * len(layers) + 2), 4))
+    nested = result.settings.protocol == "cv"
+    for number, name in enumerate(result.settings.classifiers):
+        by_layer = {c.layer: c for c in result.candidates if c.classifier == name}
+        cv = [by_layer[layer].cv_mean for layer in layers]
+        err = [by_layer[layer].cv_std for layer in layers]
+        color = f"C{number}"
+        label = f"{name} ({'outer CV' if nested else 'CV on train'})"
+        axis.errorbar(x, cv, yerr=err, color=color, marker="o", capsize=3, label=label)
+        if not nested:
+            test = [by_layer[layer].test["accuracy"] for layer in layers]
+            axis.plot(
+                x, test, color=color, marker="s", linestyle="--", label=f"{name} (test)"
+            )
+    axis.set_xticks(x, layers, rotation=20, ha="right")
+    axis.set_xlabel("layer (shallow → deep)")
+    axis.set_ylabel("accuracy")
+    axis.set_title("Accuracy per layer")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_confusion(
+    matrix: np.ndarray, class_names: list[str], path, title: str
+) -> Path:
+    """Confusion matrix, rows normalised to recall, with counts in the cells."""
+    plt = _pyplot()
+    size = max(4, 0.5 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    totals = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    if len(class_names) <= 20:
+        for i in ticks:
+            for j in ticks:
+                axis.text(
+                    j,
+                    i,
+                    int(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if normalised[i, j] > 0.5 else "black",
+                    fontsize=8,
+                )
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, label="fraction of the true class")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_low_shot(rows: list[dict], path, depth: dict[str, int]) -> Path | None:
+    """Accuracy against examples per class, one line per layer, one panel per
+    classifier (mean ± std over seeds)."""
+    table = pd.DataFrame(rows)
+    table = table[(table.protocol == "low_shot") & (table.metric == "accuracy")]
+    if table.empty:
+        return None
+    plt = _pyplot()
+    classifiers = list(dict.fromkeys(table.classifier))
+    figure, axes = plt.subplots(
+        1,
+        len(classifiers),
+        figsize=(4.5 * len(classifiers), 4),
+        squeeze=False,
+        sharey=True,
+    )
+    for axis, name in zip(axes[0], classifiers, strict=True):
+        part = table[table.classifier == name]
+        layers = sorted(set(part.layer), key=lambda layer: depth.get(layer, 0))
+        for layer in layers:
+            stats = (
+                part[part.layer == layer].groupby("shots").value.agg(["mean", "std"])
+            )
+            axis.errorbar(
+                stats.index,
+                stats["mean"],
+                yerr=stats["std"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=layer,
+            )
+        axis.set_xscale("log")
+        axis.set_xlabel("training examples per class")
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def write_report(result, directory: str | Path, *, store, run: dict) -> dict[str, Path]:
+    """Write results.csv/json, leaderboard.csv, run.json and the plots.
+
+    Args:
+        result: a `tl.evaluation.ComparisonResult`.
+        store: the `FeatureStore` compared (for provenance and layer depths).
+        run: what else is needed to re-run (arguments, versions, seed...).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    depth = {
+        info["key"]: info.get("depth", i) for i, info in enumerate(store.layer_info)
+    }
+    write_results(result.rows, directory)
+    table = leaderboard(result)
+    table.to_csv(directory / "leaderboard.csv", index=False)
+    written = {
+        "results": directory / "results.csv",
+        "leaderboard": directory / "leaderboard.csv",
+        "layers_plot": plot_layers(result, directory / "accuracy_per_layer.png", depth),
+        "confusion_plot": plot_confusion(
+            result.confusion,
+            result.class_names,
+            directory / "confusion_matrix.png",
+            f"{result.winner.layer} + {result.winner.classifier}",
+        ),
+    }
+    low_shot = plot_low_shot(result.rows, directory / "low_shot.png", depth)
+    if low_shot:
+        written["low_shot_plot"] = low_shot
+    summary = {
+        **run,
+        "store": str(Path(store.path).resolve()),
+        "store_settings": store.settings,
+        "store_provenance": store.provenance,
+        "protocol": result.settings.protocol,
+        "protocol_summary": protocol_summary(result),
+        "comparison_settings": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(result.settings).items()
+        },
+        "winner": {
+            "layer": result.winner.layer,
+            "classifier": result.winner.classifier,
+            "params": result.winner.params,
+            "estimate": result.winner_estimate,
+        },
+        "selections": result.selections,
+        "split": {k: v for k, v in result.split.items()},
+        "adjustments": result.adjustments,
+        "class_names": result.class_names,
+    }
+    (directory / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    written["run"] = directory / "run.json"
+    return written

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Classify new images with a model saved by train_classifier.py.
+
+    python predict.py results/flowers/best_model data/new_photos -o predictions.csv
+
+Rebuilds the extractor the training codes came from (backbone, weights, layer,
+pooling, preprocessing), then applies the classifier. Writes a CSV of path,
+predicted class and score (and the true class when the folder has class folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tl.cli import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Classify images with a saved tl model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", help="folder of a saved model (e.g. .../best_model)")
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders")
+    parser.add_argument(
+        "-o", "--output", default="predictions.csv", help="CSV to write"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    from tl.prediction import predict_images
+
+    table = predict_images(
+        args.model, args.inputs, batch_size=args.batch_size, progress=not args.quiet
+    )
+    table.to_csv(args.output, index=False)
+    errors = table[table.error != ""]
+    print(table.head(10).to_string(index=False))
+    summary = f"{len(table)} images, {len(errors)} skipped; wrote {args.output}"
+    if "true" in table:
+        judged = table[table.error == ""]
+        accuracy = (judged.true == judged.predicted).mean() if len(judged) else 0.0
+        summary += f"; accuracy against the folder's classes: {accuracy:.3f}"
+    print(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _command(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

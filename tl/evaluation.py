@@ -1,0 +1,844 @@
+"""Compare classifiers on CNN codes, layer by layer, with honest evaluation.
+
+`compare` reads one layer of a feature store at a time and, for each classifier,
+chooses hyper-parameters by stratified k-fold cross-validation on training rows only,
+refits, and scores the result on rows that played no part in any choice:
+
+- `holdout` (default): a stratified test split (`test_size`) or a separate test store.
+  The winner (layer × classifier) is chosen by CV accuracy on the training rows; its
+  test score is an unbiased estimate.
+- `cv`: nested cross-validation. Each outer fold repeats the whole selection (every
+  layer, classifier and hyper-parameter) on its training part and scores the selected
+  model on its held-out part; the mean ± std of those scores estimates the procedure.
+
+A low-shot mode trains on `shots` examples per class (several seeds, default
+hyper-parameters: too few rows for CV) and scores on the test split.
+Data problems (empty store, one class, tiny classes, non-finite codes) raise a
+`TLError` or lead to an explicit adjustment listed in `ComparisonResult.adjustments`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import confusion_matrix
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from tqdm.auto import tqdm
+
+from tl.classifiers import (
+    CLASSIFIERS,
+    NORMALIZATIONS,
+    codes_identity,
+    get_classifier,
+    make_pipeline,
+    param_grid,
+)
+from tl.errors import TLError
+from tl.reports import classification_metrics, metric_rows
+from tl.store import FeatureStore
+
+log = logging.getLogger("tl")
+PROTOCOLS = ("holdout", "cv")
+OUT_OF_CORE = ("auto", "always", "never")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonSettings:
+    """How `compare` trains and evaluates.
+
+    Attributes:
+        classifiers: names from `tl.classifiers.CLASSIFIERS`.
+        layers: store layers to compare (None: all, in store order).
+        normalization: `standard`, `l2` or `none`.
+        pca: keep this many principal components (None: no PCA).
+        class_weight: None or `balanced`.
+        folds: k of the stratified k-fold CV (reduced, with a note, when a class
+            has fewer training rows).
+        protocol: `holdout` or `cv` (nested CV), see the module docstring.
+        test_size: fraction of rows held out (holdout without a test store).
+        search_rows: the CV search runs on at most this many training rows (a
+            stratified subsample); the chosen model is refit on all of them.
+        seed: seed of splits, subsamples and estimators.
+        jobs: parallel CV fits (-1: all cores).
+        shots: examples per class for the low-shot curves (empty: none).
+        shot_seeds: repetitions per number of shots.
+        out_of_core: `auto` trains a layer larger than `memory_limit_gb` chunk by
+            chunk (SGD only), `always` forces it, `never` loads every layer.
+        memory_limit_gb: largest layer loaded whole in `auto` mode.
+        drop_nonfinite: drop rows with NaN/inf codes (listed) instead of refusing.
+    """
+
+    classifiers: tuple[str, ...] = ("logreg", "linear_svm", "rbf_svm")
+    layers: tuple[str, ...] | None = None
+    normalization: str = "standard"
+    pca: int | None = None
+    class_weight: str | None = None
+    folds: int = 5
+    protocol: str = "holdout"
+    test_size: float = 0.2
+    search_rows: int = 3000
+    seed: int = 0
+    jobs: int = -1
+    shots: tuple[int, ...] = ()
+    shot_seeds: int = 5
+    out_of_core: str = "auto"
+    memory_limit_gb: float = 4.0
+    drop_nonfinite: bool = False
+
+    def __post_init__(self):
+        for name in self.classifiers:
+            get_classifier(name)
+        if not self.classifiers:
+            raise TLError(
+                f"No classifiers given; choose from {', '.join(CLASSIFIERS)}."
+            )
+        if self.normalization not in NORMALIZATIONS:
+            raise TLError(
+                f"Unknown normalization {self.normalization!r}; choose from "
+                f"{', '.join(NORMALIZATIONS)}."
+            )
+        if self.protocol not in PROTOCOLS:
+            raise TLError(
+                f"Unknown protocol {self.protocol!r}; choose from "
+                f"{', '.join(PROTOCOLS)}."
+            )
+        if self.folds < 2:
+            raise TLError(f"Cross-validation needs at least 2 folds, got {self.folds}.")
+        if not 0 < self.test_size < 1:
+            raise TLError(f"test_size must be between 0 and 1, got {self.test_size}.")
+        if self.shots and self.protocol != "holdout":
+            raise TLError("Low-shot curves (shots) need the holdout protocol.")
+        if any(s < 1 for s in self.shots):
+            raise TLError(f"shots must be positive, got {list(self.shots)}.")
+        if self.out_of_core not in OUT_OF_CORE:
+            raise TLError(
+                f"out_of_core must be one of {', '.join(OUT_OF_CORE)}, got "
+                f"{self.out_of_core!r}."
+            )
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One layer × classifier: chosen hyper-parameters and scores."""
+
+    layer: str
+    classifier: str
+    params: dict
+    cv_scores: list[float]
+    test: dict[str, float] | None = None
+    fit_seconds: float = float("nan")
+    pipeline: Pipeline | None = None
+    predicted: np.ndarray | None = None  # on the test rows (holdout)
+
+    @property
+    def cv_mean(self) -> float:
+        return float(np.mean(self.cv_scores)) if self.cv_scores else float("nan")
+
+    @property
+    def cv_std(self) -> float:
+        return float(np.std(self.cv_scores)) if self.cv_scores else float("nan")
+
+
+@dataclasses.dataclass
+class ComparisonResult:
+    """Everything `compare` found; `tl.reports` turns it into tables and plots.
+
+    Attributes:
+        rows: tidy result rows (`tl.reports.RESULT_COLUMNS`).
+        candidates: per layer × classifier (holdout: CV on train + test scores;
+            cv: mean over outer folds in `test`, outer scores in `cv_scores`).
+        winner: the chosen candidate, with its fitted pipeline.
+        winner_estimate: the winner's unbiased score: its test metrics (holdout) or
+            the nested-CV mean/std of the selection procedure (cv).
+        selections: nested CV only: the candidate each outer fold selected.
+        confusion: confusion matrix of the winner on the test rows (holdout) or
+            pooled over outer folds of the selected models (cv).
+        adjustments: what was changed or dropped, and why.
+        split: sizes and the test row indices (holdout).
+    """
+
+    settings: ComparisonSettings
+    rows: list[dict]
+    candidates: list[Candidate]
+    winner: Candidate
+    winner_estimate: dict
+    class_names: list[str]
+    layer_order: list[str]
+    confusion: np.ndarray
+    adjustments: list[str]
+    split: dict
+    selections: list[dict] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------
+# Data checks
+
+
+@dataclasses.dataclass
+class _Data:
+    """Labels and row selection after checks; codes are read per layer later."""
+
+    store: FeatureStore
+    rows: np.ndarray  # rows of the store used (non-finite ones may be dropped)
+    labels: np.ndarray
+    test_store: FeatureStore | None
+    test_rows: np.ndarray | None
+    test_labels: np.ndarray | None
+    folds: int
+    adjustments: list[str]
+
+
+def _class_counts(labels: np.ndarray, names: list[str]) -> str:
+    values, counts = np.unique(labels, return_counts=True)
+    return ", ".join(f"{names[v]}: {c}" for v, c in zip(values, counts, strict=True))
+
+
+def _check_labels(store: FeatureStore, what: str) -> np.ndarray:
+    labels = store.labels
+    if len(labels) == 0:
+        skipped = len(store.skipped)
+        raise TLError(
+            f"{what} {str(store.path)!r} has no rows"
+            + (f" (all {skipped} images were skipped as unreadable)" if skipped else "")
+            + "; extract codes from a folder with images first."
+        )
+    if (labels < 0).any():
+        raise TLError(
+            f"{what} {str(store.path)!r} has unlabeled rows: classifiers need labels. "
+            f"Extract from a folder with one sub-folder per class or a path,label CSV."
+        )
+    return labels
+
+
+def _nonfinite_rows(store: FeatureStore, layers: list[str]) -> np.ndarray:
+    """Rows whose codes contain NaN or inf in any compared layer (read by chunks)."""
+    bad = np.zeros(len(store), bool)
+    for layer in layers:
+        start = 0
+        for chunk in store.iter_chunks(layer):
+            flat = chunk.reshape(len(chunk), -1)
+            bad[start : start + len(chunk)] |= ~np.isfinite(flat).all(axis=1)
+            start += len(chunk)
+    return np.flatnonzero(bad)
+
+
+def _prepare(
+    store: FeatureStore,
+    test_store: FeatureStore | None,
+    layers: list[str],
+    settings: ComparisonSettings,
+) -> _Data:
+    adjustments: list[str] = []
+    labels = _check_labels(store, "Feature store")
+    rows = np.arange(len(store))
+    names = store.class_names
+    for number, name in enumerate(names):
+        if not (labels == number).any():
+            adjustments.append(f"class {name!r} has no images; it is left out")
+
+    bad = _nonfinite_rows(store, layers)
+    if len(bad):
+        paths = [store.paths[i] for i in bad[:5]]
+        if not settings.drop_nonfinite:
+            raise TLError(
+                f"{len(bad)} rows of {str(store.path)!r} have NaN or infinite codes "
+                f"(e.g. {', '.join(paths)}). Pass --drop-nonfinite to leave them out, "
+                f"or re-extract (a float16 --dtype can overflow)."
+            )
+        adjustments.append(
+            f"dropped {len(bad)} rows with NaN/inf codes: {', '.join(paths)}"
+            + (" ..." if len(bad) > 5 else "")
+        )
+        rows = np.setdiff1d(rows, bad)
+        labels = labels[rows]
+
+    present, counts = np.unique(labels, return_counts=True)
+    if len(present) < 2:
+        raise TLError(
+            f"Classification needs at least two classes; {str(store.path)!r} has "
+            f"only {names[present[0]]!r} ({counts[0]} images)."
+        )
+    test_rows = test_labels = None
+    if test_store is not None:
+        test_labels = _check_labels(test_store, "Test store")
+        _check_same_codes(store, test_store, layers)
+        test_rows = np.arange(len(test_store))
+        train_counts = counts
+    elif settings.protocol == "holdout":
+        tiny = [names[c] for c, n in zip(present, counts, strict=True) if n < 2]
+        if tiny:
+            raise TLError(
+                f"Classes {', '.join(map(repr, tiny))} have a single image: a "
+                f"stratified test split needs at least 2 per class. Add images, "
+                f"remove those classes, or give a separate --test-store."
+            )
+        train_counts = np.floor(counts * (1 - settings.test_size)).astype(int)
+    else:
+        train_counts = np.floor(counts * (settings.folds - 1) / settings.folds)
+    folds = min(settings.folds, int(train_counts.min()))
+    if folds < 2:
+        smallest = names[present[np.argmin(counts)]]
+        raise TLError(
+            f"Class {smallest!r} has too few images for cross-validation "
+            f"({_class_counts(labels, names)}): each class needs at least 2 training "
+            f"images per fold split. Add images or remove the class."
+        )
+    if folds < settings.folds:
+        adjustments.append(
+            f"cross-validation uses {folds} folds instead of {settings.folds}: the "
+            f"smallest class has only {int(train_counts.min())} training images "
+            f"({_class_counts(labels, names)})"
+        )
+    return _Data(
+        store, rows, labels, test_store, test_rows, test_labels, folds, adjustments
+    )
+
+
+def _check_same_codes(store: FeatureStore, test_store: FeatureStore, layers) -> None:
+    if test_store.class_names != store.class_names:
+        raise TLError(
+            f"The test store's classes {test_store.class_names} differ from the "
+            f"training store's {store.class_names}; extract both from folders with "
+            f"the same class sub-folders."
+        )
+    ours = {info["key"]: info for info in store.layer_info}
+    theirs = {info["key"]: info for info in test_store.layer_info}
+    for layer in layers:
+        if layer not in theirs:
+            raise TLError(f"The test store has no layer {layer!r}.")
+        a = codes_identity(store.settings, ours[layer])
+        b = codes_identity(test_store.settings, theirs[layer])
+        if a != b:
+            diff = [f"{k}: {a[k]!r} vs {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+            raise TLError(
+                f"Layer {layer!r} was extracted differently in the test store: "
+                f"{'; '.join(diff)}."
+            )
+
+
+# ---------------------------------------------------------------------------------
+# Search and fit
+
+
+def _subsample(
+    indices: np.ndarray, labels: np.ndarray, size: int, seed: int
+) -> np.ndarray:
+    """A stratified subsample of `indices` (positions into `labels`) of `size`."""
+    if len(indices) <= size:
+        return indices
+    chosen, _ = train_test_split(
+        indices, train_size=size, stratify=labels[indices], random_state=seed
+    )
+    return np.sort(chosen)
+
+
+@dataclasses.dataclass
+class _Search:
+    params: dict
+    fold_scores: list[float]
+
+
+def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> _Search:
+    """Grid search by stratified k-fold CV: best parameters and their fold scores."""
+    if settings.pca and settings.pca > min(X.shape[1], len(X) - len(X) // folds):
+        raise TLError(
+            f"--pca {settings.pca} is more than the codes allow: {X.shape[1]} "
+            f"dimensions and {len(X) - len(X) // folds} rows per CV training part."
+        )
+    pipeline = make_pipeline(
+        classifier,
+        settings.normalization,
+        settings.pca,
+        settings.class_weight,
+        settings.seed,
+    )
+    cv = StratifiedKFold(folds, shuffle=True, random_state=settings.seed)
+    search = GridSearchCV(
+        pipeline,
+        param_grid(classifier),
+        scoring="accuracy",
+        cv=cv,
+        n_jobs=settings.jobs,
+        refit=False,
+        error_score="raise",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        search.fit(X, y)
+    best = search.best_index_
+    results = search.cv_results_
+    return _Search(
+        {k.removeprefix("classifier__"): v for k, v in results["params"][best].items()},
+        [float(results[f"split{k}_test_score"][best]) for k in range(folds)],
+    )
+
+
+def _fit(classifier: str, params: dict, X, y, settings) -> tuple[Pipeline, float]:
+    """Fit the pipeline with `params` on all of X; returns it and the seconds taken."""
+    pipeline = make_pipeline(
+        classifier,
+        settings.normalization,
+        settings.pca,
+        settings.class_weight,
+        settings.seed,
+    ).set_params(**{f"classifier__{k}": v for k, v in params.items()})
+    began = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        pipeline.fit(X, y)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        log.warning("%s with %s did not fully converge", classifier, params)
+    return pipeline, time.perf_counter() - began
+
+
+def _fit_out_of_core(
+    store: FeatureStore,
+    layer: str,
+    train_rows: np.ndarray,
+    y_train: np.ndarray,
+    params: dict,
+    settings: ComparisonSettings,
+    epochs: int = 5,
+) -> tuple[Pipeline, float]:
+    """Standardise then SGD, both by `partial_fit` over chunks of the store."""
+    began = time.perf_counter()
+    labels_by_row = dict(zip(train_rows.tolist(), y_train.tolist(), strict=True))
+    classes = np.unique(y_train)
+    model = clone(CLASSIFIERS["sgd"].build(settings.class_weight, settings.seed))
+    model.set_params(**params)
+    if settings.class_weight == "balanced":  # partial_fit needs explicit weights
+        counts = np.bincount(y_train, minlength=classes.max() + 1)[classes]
+        weights = len(y_train) / (len(classes) * counts)
+        model.set_params(class_weight=dict(zip(classes.tolist(), weights, strict=True)))
+
+    def train_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        start = 0
+        for chunk in store.iter_chunks(layer):
+            rows = np.arange(start, start + len(chunk))
+            keep = np.isin(rows, train_rows)
+            start += len(chunk)
+            if keep.any():
+                X = chunk[keep].reshape(int(keep.sum()), -1).astype(np.float64)
+                yield X, np.array([labels_by_row[r] for r in rows[keep]])
+
+    normalize = {"standard": StandardScaler(), "l2": Normalizer(), "none": None}[
+        settings.normalization
+    ]
+    for X, _ in train_chunks():  # a first pass fits the scaler (Normalizer: no-op)
+        if normalize is not None:
+            normalize.partial_fit(X)
+    for _ in range(epochs):
+        for X, y in train_chunks():
+            X = normalize.transform(X) if normalize is not None else X
+            model.partial_fit(X, y, classes=classes)
+    pipeline = Pipeline(
+        [
+            ("normalize", normalize or "passthrough"),
+            ("pca", "passthrough"),
+            ("classifier", model),
+        ]
+    )
+    return pipeline, time.perf_counter() - began
+
+
+def _predict_rows(store, layer, rows, pipeline) -> np.ndarray:
+    """Predictions for `rows` of a layer, read chunk by chunk (out-of-core)."""
+    predictions = np.empty(len(rows), np.int64)
+    position = {row: i for i, row in enumerate(rows.tolist())}
+    start = 0
+    for chunk in store.iter_chunks(layer):
+        chunk_rows = np.arange(start, start + len(chunk))
+        keep = np.isin(chunk_rows, rows)
+        start += len(chunk)
+        if keep.any():
+            X = chunk[keep].reshape(int(keep.sum()), -1)
+            targets = [position[r] for r in chunk_rows[keep]]
+            predictions[targets] = pipeline.predict(X)
+    return predictions
+
+
+# ---------------------------------------------------------------------------------
+# Protocols
+
+
+def _flat(codes: np.ndarray) -> np.ndarray:
+    return codes.reshape(len(codes), -1)
+
+
+def _layer_bytes(store: FeatureStore, layer: str) -> int:
+    info = next(i for i in store.layer_info if i["key"] == layer)
+    return len(store) * int(np.prod(info["shape"])) * np.dtype(info["dtype"]).itemsize
+
+
+def _use_out_of_core(store, layer, settings) -> bool:
+    if settings.out_of_core == "always":
+        return True
+    if settings.out_of_core == "never":
+        return False
+    return _layer_bytes(store, layer) > settings.memory_limit_gb * 1e9
+
+
+def _holdout_split(data: _Data, settings: ComparisonSettings):
+    """(train positions, test positions) into data.rows, stratified and seeded."""
+    positions = np.arange(len(data.rows))
+    train, test = train_test_split(
+        positions,
+        test_size=settings.test_size,
+        stratify=data.labels,
+        random_state=settings.seed,
+    )
+    return np.sort(train), np.sort(test)
+
+
+def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
+    """Per layer × classifier: CV search on train, refit, score on test."""
+    rows, candidates = [], []
+    if data.test_store is None:
+        train, test = _holdout_split(data, settings)
+        split = {
+            "folds": data.folds,
+            "train": len(train),
+            "test": len(test),
+            "test_rows": data.rows[test].tolist(),
+        }
+    else:
+        train, test = np.arange(len(data.rows)), None
+        split = {
+            "folds": data.folds,
+            "train": len(train),
+            "test": len(data.test_rows),
+            "test_store": str(data.test_store.path),
+        }
+    y_train = data.labels[train]
+    y_test = data.labels[test] if test is not None else data.test_labels
+    search_rows = _subsample(train, data.labels, settings.search_rows, settings.seed)
+    for layer in layers:
+        out_of_core = _use_out_of_core(data.store, layer, settings)
+        if out_of_core:
+            names = [c for c in settings.classifiers if CLASSIFIERS[c].out_of_core]
+            skipped = sorted(set(settings.classifiers) - set(names))
+            if skipped:
+                data.adjustments.append(
+                    f"layer {layer!r} is trained out of core "
+                    f"({_layer_bytes(data.store, layer) / 1e9:.1f} GB): only sgd "
+                    f"supports that; {', '.join(skipped)} skipped"
+                )
+            X_search = _flat(data.store.read(layer, data.rows[search_rows]))
+            X = None
+        else:
+            names = list(settings.classifiers)
+            X = _flat(data.store.read(layer))[data.rows]
+            X_search = X[search_rows]
+        X_test = None
+        if not out_of_core:
+            X_test = X[test] if test is not None else _flat(data.test_store.read(layer))
+        for name in names:
+            bar.set_postfix_str(f"{layer} {name}")
+            found = _search(
+                name, X_search, data.labels[search_rows], data.folds, settings
+            )
+            if out_of_core:
+                pipeline, seconds = _fit_out_of_core(
+                    data.store, layer, data.rows[train], y_train, found.params, settings
+                )
+                source = data.test_store or data.store
+                test_rows = data.test_rows if test is None else data.rows[test]
+                predicted = _predict_rows(source, layer, test_rows, pipeline)
+            else:
+                pipeline, seconds = _fit(
+                    name, found.params, X[train], y_train, settings
+                )
+                predicted = pipeline.predict(X_test)
+            metrics = classification_metrics(y_test, predicted)
+            candidates.append(
+                Candidate(
+                    layer,
+                    name,
+                    found.params,
+                    found.fold_scores,
+                    metrics,
+                    seconds,
+                    pipeline,
+                    predicted,
+                )
+            )
+            keys = {
+                "method": "linear_probe",
+                "layer": layer,
+                "classifier": name,
+                "protocol": "holdout",
+                "seed": settings.seed,
+            }
+            for fold, score in enumerate(found.fold_scores):
+                rows += metric_rows(
+                    {"accuracy": score}, split=f"cv_fold_{fold}", **keys
+                )
+            rows += metric_rows(
+                {**metrics, "fit_seconds": seconds}, split="test", **keys
+            )
+            if settings.shots and X is not None:
+                rows += _low_shot(
+                    name, X[train], y_train, X_test, y_test, layer, settings
+                )
+            bar.update()
+    split["y_test"] = y_test
+    return rows, candidates, split
+
+
+def _low_shot(name, X_train, y_train, X_test, y_test, layer, settings) -> list[dict]:
+    """Train on `shots` examples per class (several seeds), score on the test rows."""
+    rows = []
+    classes = np.unique(y_train)
+    for shots in settings.shots:
+        if np.bincount(y_train)[classes].min() < shots:
+            continue
+        for repeat in range(settings.shot_seeds):
+            rng = np.random.default_rng(settings.seed + repeat)
+            chosen = np.concatenate(
+                [
+                    rng.choice(np.flatnonzero(y_train == c), shots, replace=False)
+                    for c in classes
+                ]
+            )
+            pipeline = make_pipeline(
+                name, settings.normalization, None, settings.class_weight, settings.seed
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                if name == "knn":
+                    pipeline.set_params(classifier__n_neighbors=min(5, len(chosen)))
+                pipeline.fit(X_train[chosen], y_train[chosen])
+            metrics = classification_metrics(y_test, pipeline.predict(X_test))
+            rows += metric_rows(
+                metrics,
+                method="linear_probe",
+                layer=layer,
+                classifier=name,
+                protocol="low_shot",
+                split="test",
+                shots=shots,
+                seed=settings.seed + repeat,
+            )
+    return rows
+
+
+def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
+    """Nested CV: every outer fold selects among all candidates on its train part."""
+    outer = StratifiedKFold(data.folds, shuffle=True, random_state=settings.seed)
+    splits = list(outer.split(np.zeros(len(data.labels)), data.labels))
+    inner_folds = max(2, min(data.folds, _min_class(data.labels, splits)))
+    if inner_folds < data.folds:
+        data.adjustments.append(
+            f"inner cross-validation uses {inner_folds} folds: the smallest class "
+            f"is too small for {data.folds} within an outer training part"
+        )
+    rows, scores = [], {}
+    for layer in layers:
+        X = _flat(data.store.read(layer))[data.rows]
+        for name in settings.classifiers:
+            bar.set_postfix_str(f"{layer} {name}")
+            for fold, (train, test) in enumerate(splits):
+                search_rows = _subsample(
+                    train, data.labels, settings.search_rows, settings.seed
+                )
+                found = _search(
+                    name,
+                    X[search_rows],
+                    data.labels[search_rows],
+                    inner_folds,
+                    settings,
+                )
+                pipeline, seconds = _fit(
+                    name, found.params, X[train], data.labels[train], settings
+                )
+                predicted = pipeline.predict(X[test])
+                metrics = classification_metrics(data.labels[test], predicted)
+                scores[(layer, name, fold)] = (
+                    np.mean(found.fold_scores),
+                    metrics,
+                    predicted,
+                    found.params,
+                )
+                rows += metric_rows(
+                    {**metrics, "fit_seconds": seconds},
+                    method="linear_probe",
+                    layer=layer,
+                    classifier=name,
+                    protocol="cv",
+                    split=f"outer_fold_{fold}",
+                    seed=settings.seed,
+                )
+                bar.update()
+    candidates = []
+    for layer in layers:
+        for name in settings.classifiers:
+            outer_scores = [scores[(layer, name, f)][1] for f in range(len(splits))]
+            mean = {
+                m: float(np.mean([s[m] for s in outer_scores])) for m in outer_scores[0]
+            }
+            candidates.append(
+                Candidate(layer, name, {}, [s["accuracy"] for s in outer_scores], mean)
+            )
+    selections, confusion_pairs = [], []
+    for fold, (_, test) in enumerate(splits):
+        (layer, name, _), (inner, metrics, predicted, params) = max(
+            ((key, value) for key, value in scores.items() if key[2] == fold),
+            key=lambda item: item[1][0],
+        )
+        selections.append(
+            {
+                "fold": fold,
+                "layer": layer,
+                "classifier": name,
+                "params": params,
+                "inner_cv": float(inner),
+                **metrics,
+            }
+        )
+        rows += metric_rows(
+            metrics,
+            method="linear_probe",
+            layer="selected",
+            classifier="selected",
+            protocol="nested_cv",
+            split=f"outer_fold_{fold}",
+            seed=settings.seed,
+        )
+        confusion_pairs.append((data.labels[test], predicted))
+    y_true = np.concatenate([t for t, _ in confusion_pairs])
+    y_pred = np.concatenate([p for _, p in confusion_pairs])
+    return rows, candidates, selections, (y_true, y_pred)
+
+
+def _min_class(labels, splits) -> int:
+    smallest = min(
+        np.bincount(labels[train])[np.unique(labels)].min() for train, _ in splits
+    )
+    return int(smallest)
+
+
+# ---------------------------------------------------------------------------------
+
+
+def compare(
+    store: str | FeatureStore,
+    settings: ComparisonSettings | None = None,
+    *,
+    test_store: str | FeatureStore | None = None,
+    progress: bool = True,
+    **setting_overrides,
+) -> ComparisonResult:
+    """Compare classifiers on each layer of a feature store (see module docstring).
+
+    Args:
+        store: the feature store (path or open `FeatureStore`).
+        settings: a `ComparisonSettings`; keyword arguments override its fields.
+        test_store: a separate store of test images (same extraction settings and
+            classes); then every row of `store` is training data.
+        progress: show a progress bar over layer × classifier fits.
+
+    Returns:
+        A `ComparisonResult`; `tl.reports.write_report` turns it into files.
+    """
+    settings = dataclasses.replace(
+        settings or ComparisonSettings(), **setting_overrides
+    )
+    opened = []
+    if not isinstance(store, FeatureStore):
+        store = FeatureStore(store)
+        opened.append(store)
+    if test_store is not None and not isinstance(test_store, FeatureStore):
+        test_store = FeatureStore(test_store)
+        opened.append(test_store)
+    try:
+        layers = list(settings.layers or store.layers)
+        for layer in layers:
+            if layer not in store.layers:
+                raise TLError(
+                    f"Unknown layer {layer!r} in {str(store.path)!r}. Layers: "
+                    f"{', '.join(store.layers)}."
+                )
+        if test_store is not None and settings.protocol != "holdout":
+            raise TLError("A separate test store goes with the holdout protocol.")
+        data = _prepare(store, test_store, layers, settings)
+        for note in data.adjustments:
+            log.warning("note: %s", note)
+        total = len(layers) * len(settings.classifiers)
+        if settings.protocol == "cv":
+            total *= data.folds
+        with tqdm(total=total, unit="fit", disable=not progress, leave=False) as bar:
+            if settings.protocol == "holdout":
+                return _finish_holdout(data, layers, settings, bar)
+            return _finish_nested(data, layers, settings, bar)
+    finally:
+        for handle in opened:
+            handle.close()
+
+
+def _finish_holdout(data, layers, settings, bar) -> ComparisonResult:
+    rows, candidates, split = _holdout(data, layers, settings, bar)
+    winner = max(candidates, key=lambda c: (c.cv_mean, -c.cv_std))
+    y_test = split.pop("y_test")
+    labels = np.arange(len(data.store.class_names))
+    return ComparisonResult(
+        settings=settings,
+        rows=rows,
+        candidates=candidates,
+        winner=winner,
+        winner_estimate={"protocol": "holdout", **winner.test},
+        class_names=data.store.class_names,
+        layer_order=layers,
+        confusion=confusion_matrix(y_test, winner.predicted, labels=labels),
+        adjustments=data.adjustments,
+        split=split,
+    )
+
+
+def _finish_nested(data, layers, settings, bar) -> ComparisonResult:
+    rows, candidates, selections, (y_true, y_pred) = _nested(
+        data, layers, settings, bar
+    )
+    best = max(candidates, key=lambda c: c.test["accuracy"])
+    # The final model: the best candidate, tuned and refit on every row.
+    X = _flat(data.store.read(best.layer))[data.rows]
+    search_rows = _subsample(
+        np.arange(len(X)), data.labels, settings.search_rows, settings.seed
+    )
+    found = _search(
+        best.classifier, X[search_rows], data.labels[search_rows], data.folds, settings
+    )
+    best.params = found.params
+    best.pipeline, best.fit_seconds = _fit(
+        best.classifier, found.params, X, data.labels, settings
+    )
+    outer = {
+        m: [s[m] for s in selections]
+        for m in ("accuracy", "balanced_accuracy", "macro_f1")
+    }
+    estimate = {"protocol": "nested_cv"}
+    for metric, values in outer.items():
+        estimate[metric] = float(np.mean(values))
+        estimate[f"{metric}_std"] = float(np.std(values))
+    labels = np.arange(len(data.store.class_names))
+    return ComparisonResult(
+        settings=settings,
+        rows=rows,
+        candidates=candidates,
+        winner=best,
+        winner_estimate=estimate,
+        class_names=data.store.class_names,
+        layer_order=layers,
+        confusion=confusion_matrix(y_true, y_pred, labels=labels),
+        adjustments=data.adjustments,
+        split={"rows": len(data.rows), "outer_folds": data.folds},
+        selections=selections,
+    )

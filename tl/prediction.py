@@ -1,0 +1,119 @@
+"""Classify new images end to end with a model saved by train_classifier.py.
+
+The saved model records how its training codes were made (backbone, weights and
+their hash, layer, pooling, image size, resize, preprocessing); `predict_images`
+rebuilds exactly that extractor for the one layer, computes the codes of the new
+images and applies the classifier. Unreadable images are listed with their reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from tl.classifiers import SavedClassifier, load_classifier
+from tl.errors import TLError
+from tl.features import ExtractionSettings, iter_codes, load_extractor
+from tl.images import UNLABELED, ImageIndex, index_folder, is_image_file
+
+
+def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
+    """Images to classify: one folder (class sub-folders named like the model's
+    classes give true labels), or any mix of image files and folders (unlabeled)."""
+    if not inputs:
+        raise TLError("Give image files or folders to classify.")
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        index = index_folder(inputs[0])
+        if index.class_names and set(index.class_names) <= set(class_names):
+            number = {name: i for i, name in enumerate(class_names)}
+            labels = np.array([number[index.class_names[y]] for y in index.labels])
+            return dataclasses.replace(
+                index, labels=labels.astype(np.int32), class_names=class_names
+            )
+        return index_folder(inputs[0], labels=None)
+    paths: list[str] = []
+    for item in inputs:
+        path = Path(item).expanduser().resolve()
+        if path.is_dir():
+            found = index_folder(path, labels=None)
+            paths += found.absolute_paths()
+        elif is_image_file(path.name) or path.exists():
+            paths.append(str(path))
+        else:
+            raise TLError(f"{item!r} is neither an image file nor a folder.")
+    labels = np.full(len(paths), UNLABELED, np.int32)
+    return ImageIndex(Path("/"), [p.lstrip("/") for p in paths], labels, [])
+
+
+def extraction_settings(model: SavedClassifier) -> ExtractionSettings:
+    """The settings that made the model's training codes, for its one layer."""
+    stored = model.metadata["extraction"]
+    return dataclasses.replace(
+        ExtractionSettings.from_json(stored),
+        layers=(model.layer_info["layer"],),
+        pooling=(model.layer_info["pooling"],),
+    )
+
+
+def predict_images(
+    model_dir: str | Path,
+    inputs: list[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Classify images with a saved model.
+
+    Returns:
+        One row per image: `path`, `predicted` (class name), `score` (probability of
+        the predicted class, or its decision value), `score_kind`, `true` (when the
+        folder's sub-folders give labels), `error` (why an image was skipped).
+    """
+    model = load_classifier(model_dir)
+    index = index_inputs(inputs, model.class_names)
+    extractor = load_extractor(extraction_settings(model))
+    trained_with = model.metadata["extraction"].get("weights_sha256")
+    if extractor.weights.sha256 != trained_with:
+        raise TLError(
+            f"The weights differ from those the model's codes were made with: "
+            f"SHA-256 {extractor.weights.sha256} now, {trained_with} at training "
+            f"({model.metadata['extraction']['weights']}). Use the same weights file."
+        )
+    key = extractor.taps[0].layer
+    paths = index.absolute_paths()
+    records: dict[int, dict] = {}
+    names = model.class_names
+    with tqdm(total=len(paths), unit="img", disable=not progress) as bar:
+        for batch in iter_codes(extractor, paths, 0, batch_size):
+            if len(batch.positions):
+                codes = batch.codes[key].reshape(len(batch.positions), -1)
+                predicted = model.predict(codes)
+                scores, kind = model.scores(codes)
+                classes = list(model.pipeline.classes_)
+                for position, label, row in zip(
+                    batch.positions, predicted, scores, strict=True
+                ):
+                    records[int(position)] = {
+                        "predicted": names[label],
+                        "score": float(row[classes.index(label)]),
+                        "score_kind": kind,
+                        "error": "",
+                    }
+            for position, reason in batch.skipped:
+                records[position] = {
+                    "predicted": "",
+                    "score": np.nan,
+                    "score_kind": "",
+                    "error": reason,
+                }
+            bar.update(batch.end - bar.n)
+    table = pd.DataFrame(
+        [{"path": index.paths[i], **records[i]} for i in range(len(paths))]
+    )
+    if (index.labels >= 0).any():
+        table.insert(2, "true", [names[y] if y >= 0 else "" for y in index.labels])
+    return table

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Train linear and SVM classifiers on CNN codes, layer by layer, and compare them.
+
+    python train_classifier.py features/flowers_vgg16.h5 \\
+        --classifiers logreg linear_svm rbf_svm --cv 5 --output-dir results/flowers
+
+prints a leaderboard (layer x classifier), writes results.csv/json, leaderboard.csv,
+run.json and plots to --output-dir, and saves the winning model in
+<output-dir>/best_model (see predict.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tl.cli import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tl.classifiers import CLASSIFIERS, NORMALIZATIONS
+
+    parser = argparse.ArgumentParser(
+        description="Compare classifiers on the CNN codes of each layer of a feature "
+        "store, with honest evaluation; save the winner.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("store", help="feature store written by extract_features.py")
+    parser.add_argument("-o", "--output-dir", help="[results/<store name>]")
+    parser.add_argument(
+        "-c",
+        "--classifiers",
+        nargs="+",
+        default=["logreg", "linear_svm", "rbf_svm"],
+        choices=list(CLASSIFIERS),
+    )
+    parser.add_argument("-l", "--layers", nargs="+", help="store layers [all]")
+    parser.add_argument("--normalization", default="standard", choices=NORMALIZATIONS)
+    parser.add_argument("--pca", type=int, help="keep this many principal components")
+    parser.add_argument(
+        "--class-weight",
+        choices=["balanced"],
+        help="weight classes inversely to their frequency",
+    )
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument(
+        "--protocol",
+        default="holdout",
+        choices=["holdout", "cv"],
+        help="holdout: CV on train, score on a held-out split; "
+        "cv: nested cross-validation",
+    )
+    evaluation.add_argument("--cv", type=int, default=5, help="folds")
+    evaluation.add_argument("--test-size", type=float, default=0.2)
+    evaluation.add_argument(
+        "--test-store", help="a feature store of separate test images"
+    )
+    evaluation.add_argument(
+        "--search-rows",
+        type=int,
+        default=3000,
+        help="CV search on at most this many training rows "
+        "(stratified); the winner is refit on all",
+    )
+    evaluation.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        default=[],
+        help="low-shot curves: examples per class, e.g. 1 2 5 10",
+    )
+    evaluation.add_argument("--shot-seeds", type=int, default=5)
+    evaluation.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "-j", "--jobs", type=int, default=-1, help="parallel CV fits (-1: all cores)"
+    )
+    run.add_argument("--save", choices=["best", "all"], default="best")
+    run.add_argument(
+        "--out-of-core",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="train layers larger than --memory-limit chunk by chunk (sgd only)",
+    )
+    run.add_argument(
+        "--memory-limit",
+        type=float,
+        default=4.0,
+        help="GB: larger layers are trained out of core in auto mode",
+    )
+    run.add_argument(
+        "--drop-nonfinite",
+        action="store_true",
+        help="leave out rows with NaN/inf codes instead of refusing",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    from tl import classifiers, evaluation, reports
+    from tl.store import FeatureStore
+
+    settings = evaluation.ComparisonSettings(
+        classifiers=tuple(args.classifiers),
+        layers=tuple(args.layers) if args.layers else None,
+        normalization=args.normalization,
+        pca=args.pca,
+        class_weight=args.class_weight,
+        folds=args.cv,
+        protocol=args.protocol,
+        test_size=args.test_size,
+        search_rows=args.search_rows,
+        seed=args.seed,
+        jobs=args.jobs,
+        shots=tuple(args.shots),
+        shot_seeds=args.shot_seeds,
+        out_of_core=args.out_of_core,
+        memory_limit_gb=args.memory_limit,
+        drop_nonfinite=args.drop_nonfinite,
+    )
+    output = Path(args.output_dir or Path("results") / Path(args.store).stem)
+    with FeatureStore(args.store) as store:
+        result = evaluation.compare(
+            store, settings, test_store=args.test_store, progress=not args.quiet
+        )
+        print(reports.format_leaderboard(result))
+        run = {"arguments": vars(args), "versions": classifiers.library_versions()}
+        written = reports.write_report(result, output, store=store, run=run)
+        chosen = [result.winner]
+        if args.save == "all":
+            chosen = [c for c in result.candidates if c.pipeline is not None]
+        for candidate in chosen:
+            is_winner = candidate is result.winner
+            folder = (
+                output / "best_model"
+                if is_winner
+                else output / "models" / f"{candidate.layer}__{candidate.classifier}"
+            )
+            classifiers.save_classifier(
+                folder,
+                candidate.pipeline,
+                store=store,
+                layer=candidate.layer,
+                classifier=candidate.classifier,
+                params=candidate.params,
+                normalization=settings.normalization,
+                pca=settings.pca,
+                scores={
+                    "cv_accuracy": candidate.cv_scores,
+                    "test": candidate.test,
+                    "estimate": result.winner_estimate if is_winner else None,
+                },
+            )
+    print(f"\nwrote {', '.join(str(p) for p in written.values())}")
+    print(f"saved the winner in {output / 'best_model'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _command(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
