@@ -58,3 +58,68 @@ def settings(**overrides):
         pooling="avg",
     )
     return ExtractionSettings(**{**base, **overrides})
+
+
+STORE_SETTINGS = {
+    "backbone": "vgg16",
+    "weights": "none",
+    "seed": 0,
+    "weights_sha256": None,
+    "image_size": [32, 32],
+    "resize": "squash",
+    "interpolation": "bilinear",
+    "antialias": False,
+    "precision": "float32",
+}
+
+
+def write_store(path, layers, labels, class_names, settings=None, complete=True):
+    """A feature store holding the given codes (a dict layer -> (N, D) array)."""
+    from tl.store import StoreWriter
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    infos = [
+        {
+            "key": key,
+            "requested": key,
+            "layer": key,
+            "raw_shape": [1, 1, x.shape[1]],
+            "stride": 2 ** (i + 3),
+            "depth": i,
+            "pooling": "avg",
+            "shape": list(x.shape[1:]),
+            "dtype": "float32",
+        }
+        for i, (key, x) in enumerate(layers.items())
+    ]
+    writer = StoreWriter.create(
+        path,
+        settings=settings or STORE_SETTINGS,
+        provenance={},
+        layers=infos,
+        class_names=class_names,
+        num_images=n,
+        index_sha256="test",
+    )
+    with writer:
+        writer.write_batch(
+            {key: np.asarray(x, np.float32) for key, x in layers.items()},
+            np.arange(n),
+            labels,
+            [f"img_{i:04d}.png" for i in range(n)],
+            [],
+            n,
+        )
+        if complete:
+            writer.finish()
+    return path
+
+
+def blobs(n_per_class=60, classes=3, dim=12, separation=4.0, seed=0):
+    """Gaussian blobs: separable codes and their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * separation
+    labels = np.repeat(np.arange(classes), n_per_class)
+    codes = centres[labels] + rng.normal(size=(len(labels), dim))
+    return codes, labels

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import STORE_SETTINGS, write_store
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from tl.classifiers import (
@@ -16,7 +17,7 @@ from tl.classifiers import (
     save_classifier,
 )
 from tl.errors import TLError
-from tl.store import FeatureStore, StoreWriter
+from tl.store import FeatureStore
 
 
 @parametrize_with_checks([RelativeGammaSVC()])
@@ -38,20 +39,7 @@ def make_store(path, n=40, d=6, seed=0, settings=None):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 2
     X = rng.normal(size=(n, d)) + y[:, None] * 2.0
-    layers = [{"key": "block5_pool", "requested": "block5", "layer": "block5_pool",
-               "raw_shape": [2, 2, d], "stride": 32, "pooling": "avg", "shape": [d],
-               "dtype": "float32"}]  # fmt: skip
-    settings = settings or {"backbone": "vgg16", "weights": "none", "seed": 0,
-                            "weights_sha256": None, "image_size": [32, 32],
-                            "resize": "squash", "interpolation": "bilinear",
-                            "antialias": False, "precision": "float32"}  # fmt: skip
-    with StoreWriter.create(path, settings=settings, provenance={}, layers=layers,
-                            class_names=["neg", "pos"], num_images=n,
-                            index_sha256="x") as writer:  # fmt: skip
-        writer.write_batch({"block5_pool": X.astype(np.float32)}, np.arange(n), y,
-                           [f"{i}.png" for i in range(n)], [], n)  # fmt: skip
-        writer.finish()
-    return path
+    return write_store(path, {"block5_pool": X}, y, ["neg", "pos"], settings)
 
 
 @pytest.mark.parametrize("name", sorted(CLASSIFIERS))
@@ -86,10 +74,9 @@ def test_mismatched_codes_and_versions_are_refused(tmp_path):
         save_classifier(tmp_path / "model", pipeline, store=store, layer="block5_pool",
                         classifier="logreg", params={}, normalization="standard",
                         pca=None)  # fmt: skip
-    other = make_store(tmp_path / "other.h5", settings={
-        "backbone": "vgg16", "weights": "none", "seed": 0, "weights_sha256": None,
-        "image_size": [64, 64], "resize": "squash", "interpolation": "bilinear",
-        "antialias": False, "precision": "float32"})  # fmt: skip
+    other = make_store(
+        tmp_path / "other.h5", settings={**STORE_SETTINGS, "image_size": [64, 64]}
+    )
     model = load_classifier(tmp_path / "model")
     with (
         FeatureStore(other) as store,

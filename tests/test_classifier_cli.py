@@ -1,0 +1,174 @@
+"""train_classifier.py and predict.py end to end on tiny generated images."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SMALL, settings, write_png_tree
+
+import predict
+import train_classifier
+from tl.classifiers import load_classifier
+from tl.features import extract
+from tl.store import FeatureStore
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Codes of 3 classes of random PNGs (a weights file), and a comparison of them."""
+    root = tmp_path_factory.mktemp("cli")
+    images = write_png_tree(root / "images", {"ant": 8, "bee": 8, "cat": 8}, seed=4)
+    weights = root / "vgg16.weights.h5"
+    keras.utils.set_random_seed(1)
+    keras.applications.VGG16(
+        include_top=False, weights=None, input_shape=(SMALL, SMALL, 3)
+    ).save_weights(weights)
+    store = root / "codes.h5"
+    extract(
+        images,
+        store,
+        settings(layers=["block3", "block5"], weights=str(weights)),
+        progress=False,
+    )
+    output = root / "results"
+    code = train_classifier.main(
+        [
+            str(store),
+            "--classifiers",
+            "logreg",
+            "ridge",
+            "--cv",
+            "3",
+            "--jobs",
+            "1",
+            "--output-dir",
+            str(output),
+            "--save",
+            "all",
+            "-q",
+        ]
+    )
+    assert code == 0
+    return {
+        "root": root,
+        "images": images,
+        "store": store,
+        "output": output,
+        "weights": weights,
+    }
+
+
+def test_writes_leaderboard_results_plots_and_models(trained, capsys):
+    output = trained["output"]
+    for name in [
+        "results.csv",
+        "results.json",
+        "leaderboard.csv",
+        "run.json",
+        "accuracy_per_layer.png",
+        "confusion_matrix.png",
+        "best_model/model.joblib",
+        "best_model/metadata.json",
+        "models/block3_pool__ridge/model.joblib",
+    ]:
+        assert (output / name).is_file(), name
+    results = pd.read_csv(output / "results.csv")
+    assert set(results.layer) == {"block3_pool", "block5_pool"}
+    assert set(results.classifier) == {"logreg", "ridge"}
+    assert set(results.metric) >= {"accuracy", "balanced_accuracy", "macro_f1"}
+    run = json.loads((output / "run.json").read_text())
+    assert run["protocol"] == "holdout"
+    assert run["store_settings"]["backbone"] == "vgg16"
+    assert run["arguments"]["classifiers"] == ["logreg", "ridge"]
+    assert "scikit-learn" in run["versions"]
+
+
+def test_saved_model_predicts_like_the_winner_on_the_store(trained):
+    model = load_classifier(trained["output"] / "best_model")
+    with FeatureStore(trained["store"]) as store:
+        model.check_codes(store)
+        codes = store.read(model.layer)
+    leaderboard = pd.read_csv(trained["output"] / "leaderboard.csv")
+    assert (model.layer, model.metadata["classifier"]) == tuple(
+        leaderboard.iloc[0][["layer", "classifier"]]
+    )
+    assert len(model.predict(codes)) == len(codes)
+
+
+def test_predict_on_images_equals_extract_then_classify(trained, tmp_path):
+    (trained["images"] / "bee" / "zz_broken.png").write_bytes(b"\x89PNG nope")
+    csv = tmp_path / "predictions.csv"
+    code = predict.main(
+        [
+            str(trained["output"] / "best_model"),
+            str(trained["images"]),
+            "-o",
+            str(csv),
+            "-q",
+        ]
+    )
+    (trained["images"] / "bee" / "zz_broken.png").unlink()
+    assert code == 0
+    table = pd.read_csv(csv, keep_default_na=False)
+    model = load_classifier(trained["output"] / "best_model")
+    with FeatureStore(trained["store"]) as store:
+        expected = dict(
+            zip(
+                store.paths,
+                [model.class_names[i] for i in model.predict(store.read(model.layer))],
+                strict=True,
+            )
+        )
+    ok = table[table.error == ""]
+    assert len(ok) == 24
+    assert dict(zip(ok.path, ok.predicted, strict=True)) == expected
+    assert (ok.true == [p.split("/")[0] for p in ok.path]).all()
+    broken = table[table.path == "bee/zz_broken.png"]
+    assert broken.error.item().startswith("cannot decode")
+
+
+def test_predict_refuses_when_the_weights_file_changed(trained, tmp_path, capsys):
+    weights = trained["weights"]
+    original = weights.read_bytes()
+    keras.utils.set_random_seed(2)
+    keras.applications.VGG16(
+        include_top=False, weights=None, input_shape=(SMALL, SMALL, 3)
+    ).save_weights(weights)
+    try:
+        code = predict.main(
+            [
+                str(trained["output"] / "best_model"),
+                str(trained["images"]),
+                "-o",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+    finally:
+        weights.write_bytes(original)
+    assert code == 2
+    assert "weights differ" in capsys.readouterr().err
+
+
+def test_incomplete_store_is_refused_with_how_to_finish(tmp_path, png_tree, capsys):
+    store = tmp_path / "codes.h5"
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(
+            png_tree,
+            store,
+            settings(layers=["block2"]),
+            batch_size=4,
+            progress=False,
+            on_batch=stop,
+        )
+    code = train_classifier.main([str(store), "-o", str(tmp_path / "r"), "-q"])
+    assert code == 2
+    assert "incomplete (4 of 15 images processed)" in capsys.readouterr().err
+    assert not np.any([p.exists() for p in (tmp_path / "r").glob("*")])
