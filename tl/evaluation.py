@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from tl.classifiers import (
     CLASSIFIERS,
     NORMALIZATIONS,
+    as_features,
     codes_identity,
     get_classifier,
     make_pipeline,
@@ -427,7 +428,7 @@ def _fit_out_of_core(
             keep = np.isin(rows, train_rows)
             start += len(chunk)
             if keep.any():
-                X = chunk[keep].reshape(int(keep.sum()), -1).astype(np.float64)
+                X = as_features(chunk[keep])
                 yield X, np.array([labels_by_row[r] for r in rows[keep]])
 
     normalize = {"standard": StandardScaler(), "l2": Normalizer(), "none": None}[
@@ -460,7 +461,7 @@ def _predict_rows(store, layer, rows, pipeline) -> np.ndarray:
         keep = np.isin(chunk_rows, rows)
         start += len(chunk)
         if keep.any():
-            X = chunk[keep].reshape(int(keep.sum()), -1)
+            X = as_features(chunk[keep])
             targets = [position[r] for r in chunk_rows[keep]]
             predictions[targets] = pipeline.predict(X)
     return predictions
@@ -468,10 +469,6 @@ def _predict_rows(store, layer, rows, pipeline) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------
 # Protocols
-
-
-def _flat(codes: np.ndarray) -> np.ndarray:
-    return codes.reshape(len(codes), -1)
 
 
 def _layer_bytes(store: FeatureStore, layer: str) -> int:
@@ -532,15 +529,19 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
                     f"({_layer_bytes(data.store, layer) / 1e9:.1f} GB): only sgd "
                     f"supports that; {', '.join(skipped)} skipped"
                 )
-            X_search = _flat(data.store.read(layer, data.rows[search_rows]))
+            X_search = as_features(data.store.read(layer, data.rows[search_rows]))
             X = None
         else:
             names = list(settings.classifiers)
-            X = _flat(data.store.read(layer))[data.rows]
+            X = as_features(data.store.read(layer))[data.rows]
             X_search = X[search_rows]
         X_test = None
         if not out_of_core:
-            X_test = X[test] if test is not None else _flat(data.test_store.read(layer))
+            X_test = (
+                X[test]
+                if test is not None
+                else as_features(data.test_store.read(layer))
+            )
         for name in names:
             bar.set_postfix_str(f"{layer} {name}")
             found = _search(
@@ -643,7 +644,7 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
         )
     rows, scores = [], {}
     for layer in layers:
-        X = _flat(data.store.read(layer))[data.rows]
+        X = as_features(data.store.read(layer))[data.rows]
         for name in settings.classifiers:
             bar.set_postfix_str(f"{layer} {name}")
             for fold, (train, test) in enumerate(splits):
@@ -809,7 +810,7 @@ def _finish_nested(data, layers, settings, bar) -> ComparisonResult:
     )
     best = max(candidates, key=lambda c: c.test["accuracy"])
     # The final model: the best candidate, tuned and refit on every row.
-    X = _flat(data.store.read(best.layer))[data.rows]
+    X = as_features(data.store.read(best.layer))[data.rows]
     search_rows = _subsample(
         np.arange(len(X)), data.labels, settings.search_rows, settings.seed
     )

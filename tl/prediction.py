@@ -90,7 +90,7 @@ def predict_images(
     with tqdm(total=len(paths), unit="img", disable=not progress) as bar:
         for batch in iter_codes(extractor, paths, 0, batch_size):
             if len(batch.positions):
-                codes = batch.codes[key].reshape(len(batch.positions), -1)
+                codes = batch.codes[key]
                 predicted = model.predict(codes)
                 scores, kind = model.scores(codes)
                 classes = list(model.pipeline.classes_)
