@@ -21,6 +21,10 @@ $(DEMO_DATA): | $(VENV)/.installed
 demo: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) extract_features.py $(DEMO_DATA) --backbone mobilenetv2 --weights $(WEIGHTS) \
 		--layers stage3 stage4 last --pooling avg --output features/shapes_mobilenetv2.h5
+	$(PY) train_classifier.py features/shapes_mobilenetv2.h5 \
+		--classifiers logreg linear_svm rbf_svm --output-dir results/shapes
+	$(PY) -c "from tl.synthetic import make_shapes_dataset as m; m('data/shapes_new', per_class=3, seed=1)"
+	$(PY) predict.py results/shapes/best_model data/shapes_new -o results/shapes/predictions.csv
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
@@ -31,6 +35,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/extraction.py
+	$(PY) bench/classifiers.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) features/*.h5
+	rm -rf $(VENV) $(DEMO_DATA) data/shapes_new features/*.h5 results

@@ -272,6 +272,9 @@ def plot_low_shot(rows: list[dict], path, depth: dict[str, int]) -> Path | None:
                 label=layer,
             )
         axis.set_xscale("log")
+        shots = sorted(set(part.shots))
+        axis.set_xticks(shots, [str(int(s)) for s in shots])
+        axis.minorticks_off()
         axis.set_xlabel("training examples per class")
         axis.set_title(name)
         axis.grid(alpha=0.3)
