@@ -64,6 +64,11 @@ def test_rows_round_trip_with_metadata(tmp_path, compression):
         np.testing.assert_array_equal(store.read("a", np.array([3, 0]))[:, 0], [4, 0])
         chunks = list(store.iter_chunks("a", chunk_rows=3))
         assert [len(c) for c in chunks] == [3, 1]
+        picked = list(store.iter_rows("a", np.array([3, 1]), chunk_rows=2))
+        assert [rows.tolist() for rows, _ in picked] == [[1], [3]]
+        np.testing.assert_array_equal(
+            np.concatenate([c for _, c in picked]), store.read("a")[[1, 3]]
+        )
         assert store.labels.tolist() == [0, 1, 1, 0]
         assert store.paths == ["img0.png", "img1.png", "img3.png", "img4.png"]
         assert store.skipped == [(2, "img2.png", "broken"), (5, "img5.png", "empty")]

@@ -224,11 +224,8 @@ def _nonfinite_rows(store: FeatureStore, layers: list[str]) -> np.ndarray:
     """Rows whose codes contain NaN or inf in any compared layer (read by chunks)."""
     bad = np.zeros(len(store), bool)
     for layer in layers:
-        start = 0
-        for chunk in store.iter_chunks(layer):
-            flat = chunk.reshape(len(chunk), -1)
-            bad[start : start + len(chunk)] |= ~np.isfinite(flat).all(axis=1)
-            start += len(chunk)
+        for rows, codes in store.iter_rows(layer):
+            bad[rows] |= ~np.isfinite(codes.reshape(len(codes), -1)).all(axis=1)
     return np.flatnonzero(bad)
 
 
@@ -412,7 +409,8 @@ def _fit_out_of_core(
 ) -> tuple[Pipeline, float]:
     """Standardise then SGD, both by `partial_fit` over chunks of the store."""
     began = time.perf_counter()
-    labels_by_row = dict(zip(train_rows.tolist(), y_train.tolist(), strict=True))
+    label_of_row = np.zeros(len(store), np.int64)
+    label_of_row[train_rows] = y_train
     classes = np.unique(y_train)
     model = clone(CLASSIFIERS["sgd"].build(settings.class_weight, settings.seed))
     model.set_params(**params)
@@ -422,14 +420,8 @@ def _fit_out_of_core(
         model.set_params(class_weight=dict(zip(classes.tolist(), weights, strict=True)))
 
     def train_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        start = 0
-        for chunk in store.iter_chunks(layer):
-            rows = np.arange(start, start + len(chunk))
-            keep = np.isin(rows, train_rows)
-            start += len(chunk)
-            if keep.any():
-                X = as_features(chunk[keep])
-                yield X, np.array([labels_by_row[r] for r in rows[keep]])
+        for rows, codes in store.iter_rows(layer, train_rows):
+            yield as_features(codes), label_of_row[rows]
 
     normalize = {"standard": StandardScaler(), "l2": Normalizer(), "none": None}[
         settings.normalization
@@ -453,18 +445,10 @@ def _fit_out_of_core(
 
 def _predict_rows(store, layer, rows, pipeline) -> np.ndarray:
     """Predictions for `rows` of a layer, read chunk by chunk (out-of-core)."""
-    predictions = np.empty(len(rows), np.int64)
-    position = {row: i for i, row in enumerate(rows.tolist())}
-    start = 0
-    for chunk in store.iter_chunks(layer):
-        chunk_rows = np.arange(start, start + len(chunk))
-        keep = np.isin(chunk_rows, rows)
-        start += len(chunk)
-        if keep.any():
-            X = as_features(chunk[keep])
-            targets = [position[r] for r in chunk_rows[keep]]
-            predictions[targets] = pipeline.predict(X)
-    return predictions
+    predicted = np.empty(len(store), np.int64)
+    for numbers, codes in store.iter_rows(layer, rows):
+        predicted[numbers] = pipeline.predict(as_features(codes))
+    return predicted[rows]
 
 
 # ---------------------------------------------------------------------------------

@@ -341,6 +341,25 @@ class FeatureStore:
         for start in range(0, len(self), chunk_rows):
             yield dataset[start : min(start + chunk_rows, len(self))]
 
+    def iter_rows(
+        self, layer: str, rows: np.ndarray | None = None, chunk_rows: int = 4096
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row numbers, codes) of the selected `rows` (None: all), chunk by chunk in
+        row order: a subset of a layer larger than memory, read sequentially."""
+        selected = None if rows is None else np.zeros(len(self), bool)
+        if selected is not None:
+            selected[rows] = True
+        for start, codes in zip(
+            range(0, len(self), chunk_rows),
+            self.iter_chunks(layer, chunk_rows),
+            strict=True,
+        ):
+            numbers = np.arange(start, start + len(codes))
+            if selected is None:
+                yield numbers, codes
+            elif (keep := selected[numbers]).any():
+                yield numbers[keep], codes[keep]
+
     @property
     def labels(self) -> np.ndarray:
         return self._file["labels"][: len(self)]
