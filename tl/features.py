@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import platform
 import re
 import shutil
 import time
@@ -31,6 +32,7 @@ from tl.backbones import (
     PREPROCESSING_MODES,
     BackboneSpec,
     Tap,
+    WeightsInfo,
     build_backbone,
     get_backbone,
     layer_taps,
@@ -286,20 +288,11 @@ class Extractor:
 
     spec: BackboneSpec
     settings: ExtractionSettings
+    image_settings: ImageSettings
     taps: list[Tap]
     poolings: list[Pooling]
     model: keras.Model
-    weights: object  # tl.backbones.WeightsInfo
-
-    @property
-    def image_settings(self) -> ImageSettings:
-        return ImageSettings(
-            self.settings.image_size,
-            self.settings.resize,
-            self.settings.interpolation,
-            self.settings.antialias,
-            self.settings.max_pixels,
-        )
+    weights: WeightsInfo
 
     def layer_info(self) -> list[dict]:
         """Per-layer metadata stored in the feature store."""
@@ -334,7 +327,13 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
     spec = get_backbone(settings.backbone)
     if settings.image_size is None:
         settings = dataclasses.replace(settings, image_size=(spec.default_size,) * 2)
-    ImageSettings(settings.image_size, settings.resize, settings.interpolation)
+    image_settings = ImageSettings(  # checks resize and interpolation up front
+        settings.image_size,
+        settings.resize,
+        settings.interpolation,
+        settings.antialias,
+        settings.max_pixels,
+    )
     backbone, weights = build_backbone(
         spec,
         settings.image_size,
@@ -345,7 +344,7 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
     taps = resolve_layers(layer_taps(backbone, spec), list(settings.layers), spec.name)
     poolings = parse_poolings(settings.pooling, len(taps))
     model = build_extractor(backbone, spec, taps, poolings, settings.dtype)
-    return Extractor(spec, settings, taps, poolings, model, weights)
+    return Extractor(spec, settings, image_settings, taps, poolings, model, weights)
 
 
 # ---------------------------------------------------------------------------------
@@ -368,8 +367,6 @@ class ExtractionResult:
 
 
 def _provenance(extractor: Extractor, source: Path) -> dict:
-    import platform
-
     return {
         "tl_version": tl.__version__,
         "keras_version": keras.__version__,
@@ -388,11 +385,10 @@ def _provenance(extractor: Extractor, source: Path) -> dict:
 
 
 def _format_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    raise AssertionError("unreachable")
+    power = min(int(math.log10(max(count, 1)) // 3), 4)
+    if power == 0:
+        return f"{count:.0f} B"
+    return f"{count / 1000**power:.1f} {('KB', 'MB', 'GB', 'TB')[power - 1]}"
 
 
 def storage_plan(layer_info: list[dict], images: int) -> tuple[list[str], int]:
