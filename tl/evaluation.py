@@ -535,7 +535,7 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
                 pipeline, seconds = _fit_out_of_core(
                     data.store, layer, data.rows[train], y_train, found.params, settings
                 )
-                source = data.test_store or data.store
+                source = data.store if data.test_store is None else data.test_store
                 test_rows = data.test_rows if test is None else data.rows[test]
                 predicted = _predict_rows(source, layer, test_rows, pipeline)
             else:
