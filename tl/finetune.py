@@ -824,8 +824,8 @@ def prepare_splits(
     index: ImageIndex,
     settings: FineTuneSettings,
     *,
-    val_source: str | Path | None = None,
-    test_source: str | Path | None = None,
+    val: ImageIndex | None = None,
+    test: ImageIndex | None = None,
     progress: bool = False,
 ) -> Splits:
     """Drop undecodable files and split train/val/test.
@@ -833,39 +833,31 @@ def prepare_splits(
     Args:
         index: the labelled images (see `labelled_index`).
         settings: the run's settings (image settings, splits, seed).
-        val_source, test_source: separate folders for validation and test.
+        val, test: separate validation and test images, with the same classes.
         progress: show a progress bar while checking that the images decode.
 
-    Separate `val_source`/`test_source` folders must have the same classes; otherwise
-    `settings.test_split` and then `settings.val_split` of each class are held out
-    (stratified, seeded by `settings.seed`).
+    Without separate images, `settings.test_split` and then `settings.val_split` of
+    each class are held out (stratified, seeded by `settings.seed`).
     """
-    image_settings = settings.image_settings
-    check = settings.batch_size, progress
-    extra = {}
-    for role, other in (("val", val_source), ("test", test_source)):
-        if other is not None:
-            extra[role] = labelled_index(other, role)
-            if extra[role].class_names != index.class_names:
-                raise TLError(
-                    f"The {role} images {str(other)!r} have classes "
-                    f"{extra[role].class_names}, the training images "
-                    f"{index.class_names}; they must be the same."
-                )
-    index, skipped = _readable(index, image_settings, *check)
-    for role in extra:
-        extra[role], dropped = _readable(extra[role], image_settings, *check)
-        skipped += dropped
-    if "test" in extra:
-        test = extra["test"]
-    else:
+    for role, other in (("val", val), ("test", test)):
+        if other is not None and other.class_names != index.class_names:
+            raise TLError(
+                f"The {role} images {str(other.root)!r} have classes "
+                f"{other.class_names}, the training images {index.class_names}; "
+                f"they must be the same."
+            )
+    check = settings.image_settings, settings.batch_size, progress
+    index, skipped = _readable(index, *check)
+    if test is None:
         index, test = _split(index, settings.test_split, settings.seed, "test")
-    if "val" in extra:
-        val = extra["val"]
+    else:
+        test, dropped = _readable(test, *check)
+        skipped += dropped
+    if val is not None:
+        val, dropped = _readable(val, *check)
+        skipped += dropped
     elif settings.val_split:
         index, val = _split(index, settings.val_split, settings.seed, "val")
-    else:
-        val = None
     return Splits(index, val, test, skipped)
 
 
@@ -987,7 +979,8 @@ def _load_variables(path: Path, variables: list) -> None:
 def _checkpointed(model: keras.Model) -> list:
     """What an epoch's checkpoint holds: the model's weights and random seed states,
     and the optimizer's state (moments, step count: the schedule's position)."""
-    model.optimizer.build(model.trainable_variables)  # no-op once built
+    if not model.optimizer.built:  # before the first step of a resumed stage
+        model.optimizer.build(model.trainable_variables)
     return [*model.variables, *model.optimizer.variables]
 
 
@@ -1483,8 +1476,16 @@ def fine_tune(
     settings = dataclasses.replace(settings or FineTuneSettings(), **setting_overrides)
     directory = Path(output_dir)
     source = Path(source).expanduser().resolve()
-    index = labelled_index(source)
-    class_names = index.class_names
+    images = {"train": labelled_index(source)}
+    for role, other in (("val", val_source), ("test", test_source)):
+        if other is not None:
+            images[role] = labelled_index(other, role)
+    state = _open_run(directory, settings, images, overwrite)
+    if state.complete:
+        log.info("%s is already complete; nothing to do.", directory)
+        return _result(directory)
+
+    class_names = images["train"].class_names
     saved = load_classifier(settings.init_head) if settings.init_head else None
     strategy = strategy or _strategy()
     l2_normalize = False
@@ -1496,46 +1497,74 @@ def fine_tune(
     if saved is not None:
         initialise_head(net, saved, settings, class_names)
     splits = prepare_splits(
-        index,
+        images["train"],
         settings,
-        val_source=val_source,
-        test_source=test_source,
+        val=images.get("val"),
+        test=images.get("test"),
         progress=progress,
     )
-    identity = {"settings": settings.to_json(), "data": splits.fingerprints()}
-    if overwrite:
-        _remove_run_files(directory)
-    state = _State.load(directory / _STATE)
-    if state is not None:
-        differences = settings_differences(
-            state.identity["settings"], identity["settings"]
-        )
-        if state.identity["data"] != identity["data"]:
-            differences.append("data: other images, labels or splits")
-        if differences:
-            raise TLError(
-                f"{str(directory)!r} holds a run with other settings: "
-                f"{'; '.join(differences)}. Pass --overwrite to replace it, or choose "
-                f"another --output-dir."
-            )
-        if state.complete:
-            log.info("%s is already complete; nothing to do.", directory)
-            return _result(directory)
-    state = state or _State(identity)
     directory.mkdir(parents=True, exist_ok=True)
     log.info(
-        "%s: %d classes; %s; %s to unfreeze in stage 2 (%s)",
+        "%s: %d classes; %s; stage 2 trains %d layers of %s (--unfreeze %s)",
         source,
         len(class_names),
         ", ".join(f"{len(index)} {name}" for name, index in splits.items()),
-        f"{len(net.unfrozen)} layers of {net.spec.name}",
+        len(net.unfrozen),
+        net.spec.name,
         settings.unfreeze,
     )
     _write_splits(splits, directory)
     run = compiled_extractor(net.model)
     with strategy.scope():
         _train(net, run, settings, splits, state, directory, progress, callbacks)
+    _export(net, run, settings, splits, state, directory, source, saved)
+    return _result(directory)
 
+
+def _open_run(
+    directory: Path,
+    settings: FineTuneSettings,
+    images: dict[str, ImageIndex],
+    overwrite: bool,
+) -> _State:
+    """The state of the run in `directory`: new, to resume, or complete.
+
+    Raises:
+        TLError: when `directory` holds a run with other settings or images.
+    """
+    identity = {
+        "settings": settings.to_json(),
+        "data": {role: index.fingerprint() for role, index in images.items()},
+    }
+    if overwrite:
+        _remove_run_files(directory)
+    state = _State.load(directory / _STATE)
+    if state is None:
+        return _State(identity)
+    differences = settings_differences(state.identity["settings"], identity["settings"])
+    if state.identity["data"] != identity["data"]:
+        differences.append("data: other images or labels")
+    if differences:
+        raise TLError(
+            f"{str(directory)!r} holds a run with other settings: "
+            f"{'; '.join(differences)}. Pass --overwrite to replace it, or choose "
+            f"another --output-dir."
+        )
+    return state
+
+
+def _export(
+    net: FineTuneModel,
+    run: Callable,
+    settings: FineTuneSettings,
+    splits: Splits,
+    state: _State,
+    directory: Path,
+    source: Path,
+    saved: SavedClassifier | None,
+) -> None:
+    """Evaluate on the test split, write the results and the model, mark complete."""
+    class_names = splits.train.class_names
     truth, probabilities = _predict(run, splits.test, settings)
     predicted = probabilities.argmax(axis=1)
     metrics = classification_metrics(truth, predicted)
@@ -1561,4 +1590,3 @@ def fine_tune(
     state.commit(directory / _STATE)
     shutil.rmtree(directory / _CHECKPOINTS, ignore_errors=True)
     (directory / _BEST).unlink(missing_ok=True)  # model.keras holds these weights
-    return _result(directory)
