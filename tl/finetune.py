@@ -1145,10 +1145,9 @@ def _train(
     # Several replicas get full batches only: a replica's share of a last, small
     # batch may be empty, which some CPU kernels refuse.
     full_batches = tf.distribute.get_strategy().num_replicas_in_sync > 1
-    steps = len(train) // settings.batch_size
-    if not full_batches:
-        steps = math.ceil(len(train) / settings.batch_size)
-    elif not steps:
+    rounding = math.floor if full_batches else math.ceil
+    steps = rounding(len(train) / settings.batch_size)
+    if not steps:
         raise TLError(
             f"{len(train)} training images make no full batch of --batch-size "
             f"{settings.batch_size}; lower it."
