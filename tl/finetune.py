@@ -990,6 +990,32 @@ def _remove_run_files(directory: Path) -> None:
     shutil.rmtree(directory / _CHECKPOINTS, ignore_errors=True)
 
 
+@dataclasses.dataclass
+class _Run:
+    """One fine-tuning run: the model, its images, its progress and its folder."""
+
+    net: FineTuneModel
+    settings: FineTuneSettings
+    splits: Splits
+    state: _State
+    directory: Path
+
+    @functools.cached_property
+    def _predictor(self) -> Callable:
+        return compiled_extractor(self.net.model)
+
+    def predict(self, index: ImageIndex) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and predicted probabilities of the decodable images of `index`."""
+        settings = self.settings
+        kept, outputs, _ = _over_images(
+            index.absolute_paths(),
+            settings.image_settings,
+            settings.batch_size,
+            self._predictor,
+        )
+        return index.labels[kept], np.concatenate(outputs)
+
+
 # ---------------------------------------------------------------------------------
 # Training
 
@@ -1051,16 +1077,10 @@ def _compile(net: FineTuneModel, settings: FineTuneSettings, stage: int, steps: 
     )
 
 
-def _end_epoch(
-    state: _State,
-    net: FineTuneModel,
-    directory: Path,
-    logs: dict,
-    seconds: float,
-    patience: int,
-) -> None:
+def _end_epoch(run: _Run, logs: dict, seconds: float) -> None:
     """Record an epoch, keep the best weights, decide early stopping, checkpoint."""
-    model = net.model
+    model, state, directory = run.net.model, run.state, run.directory
+    patience = run.settings.patience
     row = {
         "epoch": state.epoch,
         "stage": state.stage,
@@ -1100,23 +1120,11 @@ def _end_epoch(
     )
 
 
-def _predict(
-    run: Callable, index: ImageIndex, settings: FineTuneSettings
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and predicted probabilities of the decodable images of `index`."""
-    kept, outputs, _ = _over_images(
-        index.absolute_paths(), settings.image_settings, settings.batch_size, run
-    )
-    return index.labels[kept], np.concatenate(outputs)
-
-
-def _validation_logs(
-    run: Callable, index: ImageIndex, settings: FineTuneSettings
-) -> dict[str, float]:
+def _validation_logs(run: _Run) -> dict[str, float]:
     """`val_loss` (cross-entropy, without label smoothing or penalties) and
     `val_accuracy`, computed on one device (Keras' distributed validation fails on
     a last batch that does not split evenly over the replicas)."""
-    labels, probabilities = _predict(run, index, settings)
+    labels, probabilities = run.predict(run.splits.val)
     true_class = probabilities[np.arange(len(labels)), labels]
     return {
         "val_loss": float(-np.mean(np.log(np.clip(true_class, 1e-7, 1.0)))),
@@ -1125,20 +1133,11 @@ def _validation_logs(
 
 
 def _train(
-    net: FineTuneModel,
-    run: Callable,
-    settings: FineTuneSettings,
-    splits: Splits,
-    state: _State,
-    directory: Path,
-    progress: bool,
-    callbacks: Sequence[keras.callbacks.Callback],
+    run: _Run, progress: bool, callbacks: Sequence[keras.callbacks.Callback]
 ) -> None:
-    """Both stages, epoch by epoch, from wherever `state` says the run is.
-
-    `run` is the model as a graph function, for validation.
-    """
-    train = splits.train
+    """Both stages, epoch by epoch, from wherever the run's state says it is."""
+    net, settings, state, directory = run.net, run.settings, run.state, run.directory
+    train = run.splits.train
     weights = None
     if settings.class_weight == "balanced":
         weights = class_weights(train.labels, len(train.class_names))
@@ -1179,10 +1178,9 @@ def _train(
                 callbacks=[*([bar] if progress else []), *callbacks],
             )
             logs = {key: values[-1] for key, values in history.history.items()}
-            if splits.val is not None:
-                logs.update(_validation_logs(run, splits.val, settings))
-            seconds = time.perf_counter() - began
-            _end_epoch(state, net, directory, logs, seconds, settings.patience)
+            if run.splits.val is not None:
+                logs.update(_validation_logs(run))
+            _end_epoch(run, logs, time.perf_counter() - began)
         if state.stopped:
             log.info("stage %d stopped early: no better val_loss", stage)
         if state.best_epoch is not None:
@@ -1348,14 +1346,9 @@ def _inference_model(model: keras.Model) -> keras.Model:
 
 
 def _metadata(
-    settings: FineTuneSettings,
-    net: FineTuneModel,
-    splits: Splits,
-    state: _State,
-    source: Path,
-    metrics: dict,
-    saved: SavedClassifier | None,
+    run: _Run, source: Path, metrics: dict, saved: SavedClassifier | None
 ) -> dict:
+    settings, net, splits, state = run.settings, run.net, run.splits, run.state
     return {
         "format": MODEL_FORMAT,
         "schema_version": MODEL_SCHEMA_VERSION,
@@ -1513,10 +1506,10 @@ def fine_tune(
         settings.unfreeze,
     )
     _write_splits(splits, directory)
-    run = compiled_extractor(net.model)
+    run = _Run(net, settings, splits, state, directory)
     with strategy.scope():
-        _train(net, run, settings, splits, state, directory, progress, callbacks)
-    _export(net, run, settings, splits, state, directory, source, saved)
+        _train(run, progress, callbacks)
+    _export(run, source, saved)
     return _result(directory)
 
 
@@ -1552,19 +1545,11 @@ def _open_run(
     return state
 
 
-def _export(
-    net: FineTuneModel,
-    run: Callable,
-    settings: FineTuneSettings,
-    splits: Splits,
-    state: _State,
-    directory: Path,
-    source: Path,
-    saved: SavedClassifier | None,
-) -> None:
+def _export(run: _Run, source: Path, saved: SavedClassifier | None) -> None:
     """Evaluate on the test split, write the results and the model, mark complete."""
-    class_names = splits.train.class_names
-    truth, probabilities = _predict(run, splits.test, settings)
+    settings, state, directory = run.settings, run.state, run.directory
+    class_names = run.splits.train.class_names
+    truth, probabilities = run.predict(run.splits.test)
     predicted = probabilities.argmax(axis=1)
     metrics = classification_metrics(truth, predicted)
     matrix = confusion_matrix(truth, predicted, labels=range(len(class_names)))
@@ -1580,8 +1565,8 @@ def _export(
     write_results(rows, directory)
     _write_confusion(matrix, class_names, directory)
     _write_history(state.history, directory)
-    _inference_model(net.model).save(directory / "model.keras")
-    metadata = _metadata(settings, net, splits, state, source, metrics, saved)
+    _inference_model(run.net.model).save(directory / "model.keras")
+    metadata = _metadata(run, source, metrics, saved)
     (directory / "metadata.json").write_text(
         json.dumps(metadata, indent=2, default=str)
     )
