@@ -22,6 +22,7 @@ from tl.cli import run_cli
 def build_parser() -> argparse.ArgumentParser:
     from tl.finetune import (
         AUGMENTATIONS,
+        DEFAULT_DROPOUT,
         DEFAULT_HEAD_EPOCHS,
         GLOBAL_POOLINGS,
         HEADS,
@@ -70,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--dropout",
         type=float,
-        default=default["dropout"],
-        help="dropout before the head",
+        help=f"dropout before the head [0 with --init-head, else {DEFAULT_DROPOUT}]",
     )
     model.add_argument(
         "--init-head",
@@ -269,7 +269,11 @@ def _command(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     metrics = result.metrics
-    best = "" if result.best_epoch is None else f", best epoch {result.best_epoch + 1}"
+    best = ""
+    if result.best_epoch == -1:
+        best = ", best: the model before training"
+    elif result.best_epoch is not None:
+        best = f", best epoch {result.best_epoch + 1}"
     print(
         f"{result.directory}: test accuracy {metrics['accuracy']:.4f}, balanced "
         f"accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 "

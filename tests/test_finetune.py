@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -351,6 +352,32 @@ def test_init_head_predicts_what_the_saved_probe_predicts(
     if classifier == "logreg":
         expected = saved.pipeline.predict_proba(codes)
         np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+def test_an_lpft_run_without_training_reports_what_the_probe_predicts(
+    probe_codes, tmp_path
+):
+    root, _ = probe_codes
+    saved, _ = save_probe(root, "lpft_probe")
+    images = root / "images"
+    code = fine_tune.main(
+        [str(images), "-o", str(tmp_path), "--backbone", "vgg16", "--weights",
+         "none", "--image-size", str(SMALL), "--init-head", str(root / "lpft_probe"),
+         "--epochs", "0", "--val-split", "0.2", "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert set(results["classifier"]) == {"linear+lpft"}
+    test = pd.read_csv(tmp_path / "splits.csv").query("split == 'test'")
+    with FeatureStore(root / "codes.h5") as store:
+        row = {path: i for i, path in enumerate(store.paths)}
+        relative = [str(Path(p).relative_to(images.resolve())) for p in test["path"]]
+        codes = store.read("block5_pool")[[row[path] for path in relative]]
+    truth = [saved.class_names.index(label) for label in test["label"]]
+    expected = classification_metrics(truth, saved.predict(codes))
+    reported = dict(zip(results["metric"], results["value"], strict=True))
+    for metric, value in expected.items():
+        assert reported[metric] == pytest.approx(value)
 
 
 def test_init_head_refuses_probes_of_other_codes_or_classifiers(

@@ -92,6 +92,7 @@ MODEL_SCHEMA_VERSION = 1
 HEADS = ("linear", "mlp")
 GLOBAL_POOLINGS = ("avg", "max")
 DEFAULT_HEAD_EPOCHS = 5
+DEFAULT_DROPOUT = 0.2
 
 # Keras preprocessing layers for `augment`; factors suit photographs (see README).
 AUGMENTATIONS: dict[str, Callable[[int], keras.layers.Layer]] = {
@@ -148,7 +149,9 @@ class FineTuneSettings:
         pooling: global pooling of the last feature map, `avg` or `max`.
         head: `linear` (one Dense layer) or `mlp` (Dense + ReLU, dropout, Dense).
         hidden_units: width of the MLP's hidden layer.
-        dropout: dropout rate before the head's Dense layers (0 disables).
+        dropout: dropout rate before the head's Dense layers (0 disables); None
+            means 0 with `init_head` (a folded probe reads uncentred features, on
+            which dropout is much noisier) and `DEFAULT_DROPOUT` without.
         init_head: folder of a linear classifier saved by `train_classifier.py` on
             the final pooled codes of the same backbone and weights (LP-FT).
         unfreeze: what stage 2 trains besides the head: a block alias (`conv5`,
@@ -190,7 +193,7 @@ class FineTuneSettings:
     pooling: str = "avg"
     head: str = "linear"
     hidden_units: int = 256
-    dropout: float = 0.2
+    dropout: float | None = None
     init_head: str | None = None
     unfreeze: str = "all"
     head_epochs: int | None = None
@@ -244,6 +247,8 @@ class FineTuneSettings:
             set_("init_head", str(Path(self.init_head).expanduser().resolve()))
         if self.head_epochs is None:
             set_("head_epochs", 0 if self.init_head else DEFAULT_HEAD_EPOCHS)
+        if self.dropout is None:
+            set_("dropout", 0.0 if self.init_head else DEFAULT_DROPOUT)
         self._check_numbers()
         _require(
             self.class_weight in (None, "balanced"),
@@ -814,7 +819,8 @@ def _split(
     except ValueError as error:
         raise TLError(
             f"Cannot hold out {fraction:g} of {len(index)} images as a stratified "
-            f"{role} split over {len(index.class_names)} classes: {error} Change "
+            f"{role} split over {len(index.class_names)} classes: "
+            f"{str(error).rstrip('.')}. Change "
             f"--{role}-split or pass --{role}-dir."
         ) from None
     return _subset(index, rest), _subset(index, held)
@@ -925,8 +931,9 @@ class _State:
     """Progress of a run, committed to `state.json` after every epoch.
 
     `epoch` counts finished epochs over both stages; `stage_epochs` those of the
-    current `stage`. `checkpoint` names the files holding the weights and optimizer
-    state after the last finished epoch.
+    current `stage`. `best_epoch` is the epoch of the lowest validation loss (-1:
+    the model before training). `checkpoint` names the file holding the weights and
+    optimizer state after the last finished epoch.
     """
 
     identity: dict
@@ -1150,6 +1157,17 @@ def _train(
         raise TLError(
             f"{len(train)} training images make no full batch of --batch-size "
             f"{settings.batch_size}; lower it."
+        )
+    if run.splits.val is not None and state.best is None:
+        # The model before training is the first candidate: with --init-head, a
+        # fine-tuning that never beats the probe on validation returns the probe.
+        logs = _validation_logs(run)
+        state.best, state.best_epoch = logs["val_loss"], -1
+        _save_variables(directory / _BEST, net.model.variables)
+        log.info(
+            "before training: val_loss %.4g, val_accuracy %.4g",
+            logs["val_loss"],
+            logs["val_accuracy"],
         )
     total = settings.head_epochs + settings.epochs
     for stage, epochs in ((1, settings.head_epochs), (2, settings.epochs)):
@@ -1404,7 +1422,7 @@ class FineTuneResult:
     metrics: dict[str, float]
     confusion_matrix: np.ndarray
     history: pd.DataFrame
-    best_epoch: int | None
+    best_epoch: int | None  # the model's epoch: -1 before training, None without val
     epochs_run: int
     fit_seconds: float
 
