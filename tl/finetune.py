@@ -16,7 +16,10 @@ the backbone in `InferenceMode`, which calls it with `training=False` whatever t
 context.
 
 A run writes into its output folder, epoch by epoch, what it needs to resume after an
-interruption (weights, optimizer state, early-stopping state, history) and at the end:
+interruption (`state.json`: settings, data fingerprints, progress, early-stopping
+state, history; `checkpoints/`: weights, random seed states and optimizer state;
+`best.npz`), and at the end (the checkpoints removed, `state.json` kept so that a
+re-run returns at once):
 
     model.keras            the trained model: raw RGB pixels in [0, 255] → probabilities
     metadata.json          format `tl-finetuned`, class names, image settings, settings,
