@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from tl.cli import run_cli
+from tl.cli import default_output, run_cli
 from tl.errors import TLError
 
 
@@ -149,11 +148,6 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
-def _default_output(source: str, backbone: str) -> str:
-    name = Path(source.rstrip("/")).stem or "features"
-    return str(Path("features") / f"{name}_{backbone.lower()}.h5")
-
-
 def _command(args: argparse.Namespace) -> int:
     from tl import backbones, features, store
     from tl.precision import half_precision_hint
@@ -197,7 +191,8 @@ def _command(args: argparse.Namespace) -> int:
             print(f"hint: {hint}", file=sys.stderr)
         result = features.extract(
             args.source,
-            args.output or _default_output(args.source, args.backbone),
+            args.output
+            or default_output("features", args.source, args.backbone, ".h5"),
             settings,
             compression=None if args.compression == "none" else args.compression,
             shard=_shard(args.shard),

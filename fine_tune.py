@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-from tl.cli import run_cli
+from tl.cli import default_output, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,11 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_output(source: str, backbone: str) -> str:
-    name = Path(source.rstrip("/")).stem or "images"
-    return str(Path("runs") / f"{name}_{backbone.lower()}")
-
-
 def _command(args: argparse.Namespace) -> int:
     from tl import backbones
     from tl.errors import TLError
@@ -261,7 +255,7 @@ def _command(args: argparse.Namespace) -> int:
         print(f"hint: {hint}", file=sys.stderr)
     result = fine_tune(
         args.source,
-        args.output_dir or _default_output(args.source, settings.backbone),
+        args.output_dir or default_output("runs", args.source, settings.backbone),
         settings,
         val_source=args.val_dir,
         test_source=args.test_dir,

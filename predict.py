@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Classify new images with a model saved by train_classifier.py.
+"""Classify new images with a model saved by train_classifier.py or fine_tune.py.
 
     python predict.py results/flowers/best_model data/new_photos -o predictions.csv
 

@@ -3,9 +3,10 @@
     apt-get install dataset-fashion-mnist
     python bench/fashion_mnist.py data/fashion_mnist --train-per-class 200
 
-writes <out>/train/<class>/*.png and <out>/test/<class>/*.png (the first images of
-each class in the official train and test files), so the real-data examples in the
-README run on a small, real dataset unlike ImageNet (28x28 grayscale clothing).
+writes <out>/train/<class>/*.png (the first images of each class in the official
+training file), <out>/val/ (the next ones, --val-per-class) and <out>/test/ (the first
+of the official test file), so the real-data examples in the README run on a small,
+real dataset unlike ImageNet (28x28 grayscale clothing).
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def write_split(images, labels, folder: Path, per_class: int) -> None:
+def write_split(images, labels, folder: Path, first: int, count: int) -> None:
+    """Images `first` to `first + count` of each class, as PNGs."""
     for number, name in enumerate(CLASSES):
         target = folder / name
         target.mkdir(parents=True, exist_ok=True)
-        for i in np.flatnonzero(labels == number)[:per_class]:
+        for i in np.flatnonzero(labels == number)[first : first + count]:
             Image.fromarray(images[i]).save(target / f"{i:05d}.png")
 
 
@@ -53,19 +55,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("output", nargs="?", default="data/fashion_mnist")
     parser.add_argument("--train-per-class", type=int, default=200)
+    parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--test-per-class", type=int, default=100)
     args = parser.parse_args()
     if not SOURCE.is_dir():
         raise SystemExit("apt-get install dataset-fashion-mnist first")
     output = Path(args.output)
-    for split, prefix, count in (
-        ("train", "train", args.train_per_class),
-        ("test", "t10k", args.test_per_class),
-    ):
+    splits = [
+        ("train", "train", 0, args.train_per_class),
+        ("val", "train", args.train_per_class, args.val_per_class),
+        ("test", "t10k", 0, args.test_per_class),
+    ]
+    for split, prefix, first, count in splits:
         images = read_idx(SOURCE / f"{prefix}-images-idx3-ubyte.gz")
         labels = read_idx(SOURCE / f"{prefix}-labels-idx1-ubyte.gz")
-        write_split(images, labels, output / split, count)
-    print(f"wrote {output}/train and {output}/test")
+        write_split(images, labels, output / split, first, count)
+    print(f"wrote {output}/train, val and test")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
 import fine_tune
+import predict
 from tl.backbones import build_backbone, get_backbone
 from tl.classifiers import load_classifier, make_pipeline, save_classifier
 from tl.errors import TLError
@@ -126,6 +127,20 @@ def test_predict_images_lists_files_it_cannot_read(vgg_run, tmp_path):
     assert [(position, path) for position, path, _ in skipped] == [(1, str(broken))]
     assert "cannot decode" in skipped[0][2]
     assert classes.tolist() == probabilities.argmax(axis=1).tolist()
+
+
+def test_predict_py_classifies_with_a_fine_tuned_model(vgg_run, tmp_path):
+    images, result = vgg_run
+    csv = tmp_path / "predictions.csv"
+    assert predict.main([str(result.directory), str(images), "-o", str(csv), "-q"]) == 0
+    table = pd.read_csv(csv, keep_default_na=False)
+    model = load_finetuned(result.directory)
+    paths = [str(images / path) for path in table["path"]]
+    classes, probabilities, _ = model.predict_images(paths)
+    assert table["predicted"].tolist() == [model.class_names[c] for c in classes]
+    np.testing.assert_allclose(table["score"], probabilities.max(axis=1), rtol=1e-6)
+    assert (table["true"] == [path.split("/")[0] for path in table["path"]]).all()
+    assert set(table["score_kind"]) == {"probability"}
 
 
 class StopAfter(keras.callbacks.Callback):

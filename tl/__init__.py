@@ -1,7 +1,9 @@
 """tl: transfer learning for images on Keras 3.
 
 Extract CNN codes of several layers of a `keras.applications` backbone in one pass
-(`tl.extract`), read them back (`tl.FeatureStore`), and compare classifiers per layer.
+(`tl.extract`), read them back (`tl.FeatureStore`), compare classifiers per layer
+(`tl.compare`), classify new images (`tl.predict_images`), fine-tune
+(`tl.fine_tune`).
 Names are imported lazily, so `import tl` (and a script's --help) does not load
 TensorFlow.
 """
@@ -18,6 +20,13 @@ _EXPORTS = {
     "merge_stores": "tl.store",
     "get_backbone": "tl.backbones",
     "list_backbones": "tl.backbones",
+    "ComparisonSettings": "tl.evaluation",
+    "compare": "tl.evaluation",
+    "load_classifier": "tl.classifiers",
+    "predict_images": "tl.prediction",
+    "FineTuneSettings": "tl.finetune",
+    "fine_tune": "tl.finetune",
+    "load_finetuned": "tl.finetune",
     "TLError": "tl.errors",
 }
 __all__ = sorted(_EXPORTS)

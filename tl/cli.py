@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -41,6 +42,12 @@ def import_tensorflow_quietly() -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def default_output(folder: str, source: str, backbone: str, suffix: str = "") -> str:
+    """`<folder>/<source name>_<backbone><suffix>`: where a script writes by default."""
+    name = Path(source.rstrip("/")).stem or "images"
+    return str(Path(folder) / f"{name}_{backbone.lower()}{suffix}")
 
 
 def run_cli(command: Callable[[], int | None]) -> int:

@@ -44,8 +44,7 @@ from tl.images import (
     DEFAULT_MAX_PIXELS,
     ImageIndex,
     ImageSettings,
-    diagnose,
-    image_batches,
+    decoded_batches,
     index_images,
 )
 from tl.precision import check_precision
@@ -578,36 +577,14 @@ class CodeBatch:
 def iter_codes(
     extractor: Extractor, paths: Sequence[str], first: int, batch_size: int
 ) -> Iterator[CodeBatch]:
-    """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed.
-
-    Positions missing between two batches are files that could not be decoded;
-    they are reported with the batch that follows them (or in a last batch of no
-    rows when they come after the last decodable file).
-    """
-    settings = extractor.image_settings
+    """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
+    (see `tl.images.decoded_batches`)."""
     run = compiled_extractor(extractor.model)
-    stop = len(paths)
-    batches = image_batches(
-        list(paths[first:]), np.arange(first, stop), settings, batch_size
-    )
-    expected = first
-
-    def dropped(present: np.ndarray, end: int) -> list[tuple[int, str]]:
-        present = set(present.tolist())
-        return [
-            (position, diagnose(paths[position], settings))
-            for position in range(expected, end)
-            if position not in present
-        ]
-
-    for positions, images in batches:
-        codes = {key: value.numpy() for key, value in run(images).items()}
-        positions = positions.numpy()
-        end = int(positions[-1]) + 1
-        yield CodeBatch(positions, codes, dropped(positions, end), end)
-        expected = end
-    if expected < stop:
-        yield CodeBatch(np.empty(0, np.int64), {}, dropped(np.empty(0), stop), stop)
+    for batch in decoded_batches(paths, extractor.image_settings, batch_size, first):
+        codes = {}
+        if batch.images is not None:
+            codes = {key: value.numpy() for key, value in run(batch.images).items()}
+        yield CodeBatch(batch.positions, codes, batch.skipped, batch.end)
 
 
 def _run(

@@ -79,13 +79,17 @@ from tl.images import (
     DEFAULT_MAX_PIXELS,
     ImageIndex,
     ImageSettings,
-    diagnose,
-    image_batches,
+    decoded_batches,
     index_images,
     load_image,
 )
 from tl.precision import compute_policy
-from tl.reports import classification_metrics, metric_rows, write_results
+from tl.reports import (
+    classification_metrics,
+    metric_rows,
+    plot_confusion,
+    write_results,
+)
 from tl.store import settings_differences
 
 log = logging.getLogger("tl")
@@ -767,19 +771,17 @@ def _over_images(
         Positions of the decoded files, `run`'s outputs per batch, and
         (position, reason) for each file that could not be decoded.
     """
-    kept, outputs = [], []
-    batches = image_batches(paths, np.arange(len(paths)), settings, batch_size)
+    kept, outputs, skipped = [np.empty(0, np.int64)], [], []
     with tqdm(
         total=len(paths), desc=description, unit="img", disable=not progress
     ) as bar:
-        for positions, images in batches:
-            kept.append(positions.numpy())
-            if run is not None:
-                outputs.append(np.asarray(run(images)))
-            bar.update(len(kept[-1]))
-    kept = np.concatenate(kept) if kept else np.empty(0, np.int64)
-    missing = np.setdiff1d(np.arange(len(paths)), kept)
-    return kept, outputs, [(int(p), diagnose(paths[p], settings)) for p in missing]
+        for batch in decoded_batches(paths, settings, batch_size):
+            kept.append(batch.positions)
+            skipped += batch.skipped
+            if run is not None and batch.images is not None:
+                outputs.append(np.asarray(run(batch.images)))
+            bar.update(batch.end - bar.n)
+    return np.concatenate(kept), outputs, skipped
 
 
 def _readable(
@@ -1256,22 +1258,9 @@ def _write_confusion(matrix: np.ndarray, class_names: list[str], directory: Path
     table = pd.DataFrame(matrix, index=class_names, columns=class_names)
     table.index.name = "true \\ predicted"
     table.to_csv(directory / "confusion_matrix.csv")
-    side = max(4.0, 0.45 * len(class_names) + 2)
-    figure = _figure(1)
-    figure.set_size_inches(side + 1, side)
-    axes = figure.subplots()
-    image = axes.imshow(matrix, cmap="Blues")
-    ticks = range(len(class_names))
-    axes.set_xticks(ticks, class_names, rotation=90)
-    axes.set_yticks(ticks, class_names)
-    axes.set(xlabel="predicted", ylabel="true", title="test confusion matrix")
-    if len(class_names) <= 30:
-        for (row, column), count in np.ndenumerate(matrix):
-            dark = count > matrix.max() / 2
-            axes.text(column, row, count, ha="center", va="center",
-                      color="white" if dark else "black", fontsize=8)  # fmt: skip
-    figure.colorbar(image)
-    figure.savefig(directory / "confusion_matrix.png", dpi=100)
+    plot_confusion(
+        matrix, class_names, directory / "confusion_matrix.png", "test, fine-tuned"
+    )
 
 
 def _write_splits(splits: Splits, directory: Path) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,52 @@ def image_batches(
     )
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass
+class DecodedBatch:
+    """Decoded images for `positions`, and the positions before `end` that could
+    not be used, each with its reason (`images` is None for a last batch that only
+    reports such files)."""
+
+    positions: np.ndarray
+    images: tf.Tensor | None
+    skipped: list[tuple[int, str]]
+    end: int
+
+
+def decoded_batches(
+    paths: Sequence[str], settings: ImageSettings, batch_size: int, first: int = 0
+) -> Iterator[DecodedBatch]:
+    """Batches of `paths[first:]` decoded in parallel, every dropped file diagnosed.
+
+    Positions missing between two batches are files the pipeline dropped; they are
+    reported with the batch that follows them, or in a last batch without images
+    when they come after the last decodable file.
+    """
+    stop = len(paths)
+    batches = image_batches(
+        list(paths[first:]), np.arange(first, stop), settings, batch_size
+    )
+    expected = first
+
+    def dropped(present: np.ndarray, end: int) -> list[tuple[int, str]]:
+        present = set(present.tolist())
+        return [
+            (position, diagnose(paths[position], settings))
+            for position in range(expected, end)
+            if position not in present
+        ]
+
+    for positions, images in batches:
+        positions = positions.numpy()
+        end = int(positions[-1]) + 1
+        yield DecodedBatch(positions, images, dropped(positions, end), end)
+        expected = end
+    if expected < stop:
+        yield DecodedBatch(
+            np.empty(0, np.int64), None, dropped(np.empty(0), stop), stop
+        )
 
 
 def _clean_tf_message(message: str) -> str:

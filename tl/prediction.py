@@ -1,14 +1,17 @@
-"""Classify new images end to end with a model saved by train_classifier.py.
+"""Classify new images end to end with a saved model.
 
-The saved model records how its training codes were made (backbone, weights and
-their hash, layer, pooling, image size, resize, preprocessing); `predict_images`
-rebuilds exactly that extractor for the one layer, computes the codes of the new
-images and applies the classifier. Unreadable images are listed with their reason.
+A linear probe (train_classifier.py) records how its training codes were made
+(backbone, weights and their hash, layer, pooling, image size, resize,
+preprocessing); `predict_images` rebuilds exactly that extractor for the one layer,
+computes the codes of the new images and applies the classifier. A fine-tuned model
+(fine_tune.py) takes raw pixels, resized as in its training. Unreadable images are
+listed with their reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,8 @@ from tqdm.auto import tqdm
 from tl.classifiers import SavedClassifier, load_classifier
 from tl.errors import TLError
 from tl.features import ExtractionSettings, iter_codes, load_extractor
+from tl.finetune import MODEL_FORMAT as FINETUNED_FORMAT
+from tl.finetune import load_finetuned
 from tl.images import UNLABELED, ImageIndex, index_folder, is_image_file
 
 
@@ -66,15 +71,41 @@ def predict_images(
     batch_size: int = 32,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Classify images with a saved model.
+    """Classify images with a model saved by train_classifier.py or fine_tune.py.
 
     Returns:
         One row per image: `path`, `predicted` (class name), `score` (probability of
         the predicted class, or its decision value), `score_kind`, `true` (when the
         folder's sub-folders give labels), `error` (why an image was skipped).
     """
-    model = load_classifier(model_dir)
-    index = index_inputs(inputs, model.class_names)
+    meta_path = Path(model_dir) / "metadata.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("format") == (
+        FINETUNED_FORMAT
+    ):
+        model = load_finetuned(model_dir)
+        index = index_inputs(inputs, model.class_names)
+        records = _finetuned_records(model, index, batch_size)
+    else:
+        model = load_classifier(model_dir)
+        index = index_inputs(inputs, model.class_names)
+        records = _probe_records(model, index, batch_size, progress)
+    names = model.class_names
+    table = pd.DataFrame(
+        [{"path": index.paths[i], **records[i]} for i in range(len(index))]
+    )
+    if (index.labels >= 0).any():
+        table.insert(2, "true", [names[y] if y >= 0 else "" for y in index.labels])
+    return table
+
+
+def _skipped_record(reason: str) -> dict:
+    return {"predicted": "", "score": np.nan, "score_kind": "", "error": reason}
+
+
+def _probe_records(
+    model: SavedClassifier, index: ImageIndex, batch_size: int, progress: bool
+) -> dict[int, dict]:
+    """Rebuild the training codes' extractor for the model's layer, then classify."""
     extractor = load_extractor(extraction_settings(model))
     trained_with = model.metadata["extraction"].get("weights_sha256")
     if extractor.weights.sha256 != trained_with:
@@ -84,36 +115,41 @@ def predict_images(
             f"({model.metadata['extraction']['weights']}). Use the same weights file."
         )
     key = extractor.taps[0].layer
-    paths = index.absolute_paths()
+    classes = list(model.pipeline.classes_)
     records: dict[int, dict] = {}
-    names = model.class_names
+    paths = index.absolute_paths()
     with tqdm(total=len(paths), unit="img", disable=not progress) as bar:
         for batch in iter_codes(extractor, paths, 0, batch_size):
             if len(batch.positions):
                 codes = batch.codes[key]
-                predicted = model.predict(codes)
                 scores, kind = model.scores(codes)
-                classes = list(model.pipeline.classes_)
                 for position, label, row in zip(
-                    batch.positions, predicted, scores, strict=True
+                    batch.positions, model.predict(codes), scores, strict=True
                 ):
                     records[int(position)] = {
-                        "predicted": names[label],
+                        "predicted": model.class_names[label],
                         "score": float(row[classes.index(label)]),
                         "score_kind": kind,
                         "error": "",
                     }
             for position, reason in batch.skipped:
-                records[position] = {
-                    "predicted": "",
-                    "score": np.nan,
-                    "score_kind": "",
-                    "error": reason,
-                }
+                records[position] = _skipped_record(reason)
             bar.update(batch.end - bar.n)
-    table = pd.DataFrame(
-        [{"path": index.paths[i], **records[i]} for i in range(len(paths))]
+    return records
+
+
+def _finetuned_records(model, index: ImageIndex, batch_size: int) -> dict[int, dict]:
+    """The fine-tuned Keras model on raw pixels, preprocessed as in training."""
+    classes, probabilities, skipped = model.predict_images(
+        index.absolute_paths(), batch_size
     )
-    if (index.labels >= 0).any():
-        table.insert(2, "true", [names[y] if y >= 0 else "" for y in index.labels])
-    return table
+    records = {position: _skipped_record(reason) for position, _, reason in skipped}
+    kept = [p for p in range(len(index)) if p not in records]
+    for position, label, row in zip(kept, classes, probabilities, strict=True):
+        records[position] = {
+            "predicted": model.class_names[label],
+            "score": float(row[label]),
+            "score_kind": "probability",
+            "error": "",
+        }
+    return records

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 RESULT_COLUMNS = [
@@ -164,22 +165,18 @@ def protocol_summary(result) -> str:
     )
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _figure(width: float, height: float) -> Figure:
+    """A figure drawn without pyplot: no global matplotlib backend or state."""
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def plot_layers(result, path: str | Path, depth: dict[str, int]) -> Path:
     """Accuracy against layer depth, one line per classifier (CV mean ± std, and
     held-out test accuracy for the holdout protocol)."""
-    plt = _pyplot()
     layers = sorted(result.layer_order, key=lambda layer: depth.get(layer, 0))
     x = np.arange(len(layers))
-    figure, axis = plt.subplots(figsize=(max(5, 1.3 * len(layers) + 2), 4))
+    figure = _figure(max(5, 1.3 * len(layers) + 2), 4)
+    axis = figure.subplots()
     nested = result.settings.protocol == "cv"
     for number, name in enumerate(result.settings.classifiers):
         by_layer = {c.layer: c for c in result.candidates if c.classifier == name}
@@ -199,9 +196,7 @@ def plot_layers(result, path: str | Path, depth: dict[str, int]) -> Path:
     axis.set_title("Accuracy per layer")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return Path(path)
 
 
@@ -209,9 +204,9 @@ def plot_confusion(
     matrix: np.ndarray, class_names: list[str], path, title: str
 ) -> Path:
     """Confusion matrix, rows normalised to recall, with counts in the cells."""
-    plt = _pyplot()
     size = max(4, 0.5 * len(class_names) + 2)
-    figure, axis = plt.subplots(figsize=(size + 1, size))
+    figure = _figure(size + 1, size)
+    axis = figure.subplots()
     totals = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
     image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
@@ -234,9 +229,7 @@ def plot_confusion(
     axis.set_ylabel("true")
     axis.set_title(title)
     figure.colorbar(image, ax=axis, label="fraction of the true class")
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return Path(path)
 
 
@@ -247,15 +240,9 @@ def plot_low_shot(rows: list[dict], path, depth: dict[str, int]) -> Path | None:
     table = table[(table.protocol == "low_shot") & (table.metric == "accuracy")]
     if table.empty:
         return None
-    plt = _pyplot()
     classifiers = list(dict.fromkeys(table.classifier))
-    figure, axes = plt.subplots(
-        1,
-        len(classifiers),
-        figsize=(4.5 * len(classifiers), 4),
-        squeeze=False,
-        sharey=True,
-    )
+    figure = _figure(4.5 * len(classifiers), 4)
+    axes = figure.subplots(1, len(classifiers), squeeze=False, sharey=True)
     for axis, name in zip(axes[0], classifiers, strict=True):
         part = table[table.classifier == name]
         layers = sorted(set(part.layer), key=lambda layer: depth.get(layer, 0))
@@ -280,9 +267,7 @@ def plot_low_shot(rows: list[dict], path, depth: dict[str, int]) -> Path | None:
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize=8)
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return Path(path)
 
 
