@@ -288,6 +288,26 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
             f"  cosine to float32 {layer}: min {cos['min']:.5f}, mean {cos['mean']:.5f}"
             f" (target >= 0.9999)"
         )
+    print("bfloat16 / float32 inference throughput of other backbones (last, avg):")
+    for backbone in ("resnet50", "mobilenetv2", "efficientnetb0"):
+        rates = {
+            precision: inference_rate(
+                ExtractionSettings(
+                    backbone=backbone,
+                    weights="none",
+                    image_size=224,
+                    precision=precision,
+                ),
+                images,
+            )
+            for precision in ("float32", "bfloat16")
+        }
+        ratio = rates["bfloat16"] / rates["float32"]
+        results["e"][f"speedup_inference_{backbone}"] = ratio
+        print(
+            f"  {backbone:<15} {rates['float32']:6.1f} -> {rates['bfloat16']:6.1f} "
+            f"img/s: {ratio:.2f}x"
+        )
 
 
 def main() -> None:
