@@ -345,13 +345,10 @@ class _Search:
     fold_scores: list[float]
 
 
-def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> _Search:
-    """Grid search by stratified k-fold CV: best parameters and their fold scores."""
-    if settings.pca and settings.pca > min(X.shape[1], len(X) - len(X) // folds):
-        raise TLError(
-            f"--pca {settings.pca} is more than the codes allow: {X.shape[1]} "
-            f"dimensions and {len(X) - len(X) // folds} rows per CV training part."
-        )
+def _pipeline(
+    classifier: str, settings: ComparisonSettings, params: dict | None = None
+):
+    """The settings' pipeline for `classifier`, with classifier `params` if given."""
     pipeline = make_pipeline(
         classifier,
         settings.normalization,
@@ -359,9 +356,21 @@ def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> 
         settings.class_weight,
         settings.seed,
     )
+    return pipeline.set_params(
+        **{f"classifier__{k}": v for k, v in (params or {}).items()}
+    )
+
+
+def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> _Search:
+    """Grid search by stratified k-fold CV: best parameters and their fold scores."""
+    if settings.pca and settings.pca > min(X.shape[1], len(X) - len(X) // folds):
+        raise TLError(
+            f"--pca {settings.pca} is more than the codes allow: {X.shape[1]} "
+            f"dimensions and {len(X) - len(X) // folds} rows per CV training part."
+        )
     cv = StratifiedKFold(folds, shuffle=True, random_state=settings.seed)
     search = GridSearchCV(
-        pipeline,
+        _pipeline(classifier, settings),
         param_grid(classifier),
         scoring="accuracy",
         cv=cv,
@@ -382,13 +391,7 @@ def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> 
 
 def _fit(classifier: str, params: dict, X, y, settings) -> tuple[Pipeline, float]:
     """Fit the pipeline with `params` on all of X; returns it and the seconds taken."""
-    pipeline = make_pipeline(
-        classifier,
-        settings.normalization,
-        settings.pca,
-        settings.class_weight,
-        settings.seed,
-    ).set_params(**{f"classifier__{k}": v for k, v in params.items()})
+    pipeline = _pipeline(classifier, settings, params)
     began = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
