@@ -249,7 +249,9 @@ class FeatureStore:
             raise TLError(f"Feature store {str(path)!r} does not exist.") from None
         except OSError as error:
             raise TLError(
-                f"Cannot open {str(path)!r} as an HDF5 feature store: {error}."
+                f"Cannot open {str(path)!r} as an HDF5 feature store: {error}. If an "
+                f"extraction was killed while writing it, re-run it with --overwrite "
+                f"to start over."
             ) from None
         attrs = self._file.attrs
         if attrs.get("format") != FORMAT:
