@@ -44,7 +44,7 @@ from tl.classifiers import (
     param_grid,
 )
 from tl.errors import TLError
-from tl.reports import classification_metrics, metric_rows
+from tl.reports import METRICS, classification_metrics, metric_rows
 from tl.store import FeatureStore
 
 log = logging.getLogger("tl")
@@ -808,12 +808,9 @@ def _finish_nested(data, layers, settings, bar) -> ComparisonResult:
     best.pipeline, best.fit_seconds = _fit(
         best.classifier, found.params, X, data.labels, settings
     )
-    outer = {
-        m: [s[m] for s in selections]
-        for m in ("accuracy", "balanced_accuracy", "macro_f1")
-    }
     estimate = {"protocol": "nested_cv"}
-    for metric, values in outer.items():
+    for metric in METRICS:
+        values = [selection[metric] for selection in selections]
         estimate[metric] = float(np.mean(values))
         estimate[f"{metric}_std"] = float(np.std(values))
     labels = np.arange(len(data.store.class_names))
