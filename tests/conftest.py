@@ -123,3 +123,16 @@ def blobs(n_per_class=60, classes=3, dim=12, separation=4.0, seed=0):
     labels = np.repeat(np.arange(classes), n_per_class)
     codes = centres[labels] + rng.normal(size=(len(labels), dim))
     return codes, labels
+
+
+def assert_one_line_error(capsys, code: int, *fragments: str) -> str:
+    """A user error from a script's `main([...])`: exit code 2 and exactly one line on
+    stderr, `error: ...`, naming every fragment, with no traceback. Returns the line."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
