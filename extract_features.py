@@ -186,7 +186,7 @@ def _command(args: argparse.Namespace) -> int:
             labels=None if args.unlabeled else "inferred",
             seed=args.seed,
         )
-        hint = half_precision_hint(args.precision)
+        hint = half_precision_hint(args.precision, args.backbone)
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
         result = features.extract(

@@ -250,7 +250,7 @@ def _command(args: argparse.Namespace) -> int:
         test_split=args.test_split,
         patience=args.patience,
     )
-    hint = half_precision_hint(args.precision)
+    hint = half_precision_hint(args.precision, args.backbone, training=True)
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
     result = fine_tune(

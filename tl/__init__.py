@@ -5,10 +5,15 @@ Extract CNN codes of several layers of a `keras.applications` backbone in one pa
 (`tl.compare`), classify new images (`tl.predict_images`), fine-tune
 (`tl.fine_tune`).
 Names are imported lazily, so `import tl` (and a script's --help) does not load
-TensorFlow.
+TensorFlow; when something does, its native start-up messages are muted
+(`tl._tensorflow`; TL_TF_LOGS=1 shows them).
 """
 
 import importlib
+
+from tl._tensorflow import mute_tensorflow_start_up
+
+mute_tensorflow_start_up()
 
 __version__ = "0.1.0"
 

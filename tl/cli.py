@@ -1,47 +1,14 @@
-"""What the command-line scripts share: logging, quiet TensorFlow, clean errors.
-
-Import this before TensorFlow is loaded: it sets TensorFlow's C++ log level so the
-scripts print tl's messages, not TensorFlow's start-up chatter.
-"""
+"""What the command-line scripts share: logging, clean errors, default outputs."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow and set up its GPUs with native stderr muted.
-
-    TensorFlow's native start-up messages (oneDNN notice, CUDA probing on machines
-    without a GPU) are written before its log level applies; they would bury the
-    scripts' own output. Set TL_TF_LOGS=1 to see them. GPUs get memory growth, so
-    that several shard processes can share one GPU.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        if not os.environ.get("TL_TF_LOGS"):
-            os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def default_output(folder: str, source: str, backbone: str, suffix: str = "") -> str:
@@ -59,10 +26,11 @@ def run_cli(command: Callable[[], int | None]) -> int:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    from tl._tensorflow import start_tensorflow
     from tl.errors import TLError
 
     try:
-        import_tensorflow_quietly()
+        start_tensorflow()
         return command() or 0
     except TLError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -758,6 +758,12 @@ def compare(
         if test_store is not None and settings.protocol != "holdout":
             raise TLError("A separate test store goes with the holdout protocol.")
         data = _prepare(store, test_store, layers, settings)
+        if store.settings.get("weights") == "none":
+            log.warning(
+                "note: %s holds codes of random weights (--weights none): these "
+                "accuracies say nothing about the pretrained backbone.",
+                store.path,
+            )
         for note in data.adjustments:
             log.warning("note: %s", note)
         total = len(layers) * len(settings.classifiers)

@@ -551,6 +551,12 @@ def extract(
         for ignored in index.ignored:
             log.warning("ignored %s: not inside a class folder", ignored)
         log.info("codes per layer (%s):\n%s", settings.dtype, "\n".join(lines))
+        if extractor.weights.source == "none":
+            log.warning(
+                "--weights none: random weights. These codes, and any accuracy "
+                "measured on them, say nothing about the pretrained %s.",
+                extractor.spec.name,
+            )
         _check_disk(output.resolve().parent, needed)
         began = time.perf_counter()
         _run(extractor, index, writer, start, stop, batch_size, progress, on_batch)
