@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMALL, load_pngs, write_png_tree
+from conftest import SMALL, edit_json, load_pngs, write_png_tree
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -317,13 +317,10 @@ def save_probe(root, name, classifier="logreg", normalization="standard", pca=No
         if pca:
             pipeline.set_params(pca__whiten=whiten)
         pipeline.fit(X, y)
+        names = ["other", "cat"] if binary else None
         save_classifier(root / name, pipeline, store=codes, layer=layer,
                         classifier=classifier, params={}, normalization=normalization,
-                        pca=pca)  # fmt: skip
-    if binary:
-        meta = json.loads((root / name / "metadata.json").read_text())
-        meta["class_names"] = ["other", "cat"]
-        (root / name / "metadata.json").write_text(json.dumps(meta))
+                        pca=pca, class_names=names)  # fmt: skip
     return load_classifier(root / name), X
 
 
@@ -426,6 +423,12 @@ def test_init_head_refuses_probes_of_other_codes_or_classifiers(
     (other / "metadata.json").write_text(json.dumps(meta))
     assert "backbone: probe has 'vgg19', this model 'vgg16'" in refused(
         "other_backbone"
+    )
+    edited = root / "relabelled_probe"
+    shutil.copytree(root / "good_probe", edited, dirs_exist_ok=True)
+    edit_json(edited, lambda metadata: metadata["class_names"].reverse())
+    assert "was edited: its class_names ['cat', 'bee', 'ant']" in refused(
+        "relabelled_probe"
     )
     save_probe(root, "knn_probe", classifier="knn")
     assert "needs a linear classifier" in refused("knn_probe")
