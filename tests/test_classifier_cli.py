@@ -16,6 +16,7 @@ import skops.io
 from conftest import (
     SMALL,
     assert_one_line_error,
+    blobs,
     edit_json,
     record_sha256,
     settings,
@@ -25,7 +26,7 @@ from conftest import (
 
 import predict
 import train_classifier
-from tl.classifiers import load_classifier
+from tl.classifiers import load_classifier, make_pipeline
 from tl.features import extract
 from tl.store import FeatureStore
 
@@ -209,6 +210,12 @@ def edit_layer(metadata):
     metadata["layer_info"]["layer"] = other
 
 
+def replace_with_a_bare_pipeline(folder):
+    """A pipeline of trusted types saved with skops by hand: not tl's format."""
+    skops.io.dump(make_pipeline("logreg").fit(*blobs()), folder / "model.skops")
+    record_sha256(folder, "model.skops")
+
+
 def truncate_model_and_rehash(folder):
     truncate(folder / "model.skops")
     record_sha256(folder, "model.skops")
@@ -242,6 +249,10 @@ def truncate_model_and_rehash(folder):
             ["model.skops", "cannot be read (BadZipFile"],
         ),
         (
+            replace_with_a_bare_pipeline,
+            ["model.skops", "does not hold a tl pipeline"],
+        ),
+        (
             lambda folder: (folder / "model.skops").unlink(),
             ["model.skops", "is missing"],
         ),
@@ -253,6 +264,7 @@ def truncate_model_and_rehash(folder):
         "reordered class_names",
         "truncated model file",
         "truncated model file with its hash updated",
+        "a pipeline saved by hand",
         "missing model file",
     ],
 )

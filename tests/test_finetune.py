@@ -191,6 +191,10 @@ def replace_model(with_lambda: bool):
             lambda folder: edit_json(folder, lambda m: m["class_names"].reverse()),
             ["was edited: its class_names ['dark', 'bright']", "model.keras"],
         ),
+        (  # was a traceback from the model's input signature
+            lambda folder: edit_json(folder, lambda m: m.update(image_size=[64, 64])),
+            ["was edited: its image_size [64, 64] differs from [32, 32]"],
+        ),
         (
             replace_model(with_lambda=True),
             ["model.keras", "`Lambda` layer", "safe mode"],
@@ -205,6 +209,7 @@ def replace_model(with_lambda: bool):
         "missing key",
         "truncated model.keras",
         "reordered class_names",
+        "edited image_size",
         "a Lambda layer",
         "no class names in the model",
     ],

@@ -507,15 +507,18 @@ def _read_model_file(path: Path) -> dict:
         content = skops.io.load(path, trusted=list(TRUSTED_TYPES))
     except Exception as error:
         raise unreadable(path, error, _REMEDY) from None
+    pipeline = content.get("pipeline") if isinstance(content, dict) else None
+    steps = getattr(pipeline, "steps", None)
     if (
-        not isinstance(content, dict)
+        not isinstance(pipeline, Pipeline)
         or set(content) != {"pipeline", *_CHECKED_KEYS}
-        or not isinstance(content["pipeline"], Pipeline)
+        or not isinstance(steps, list)
+        or not all(isinstance(step, tuple) and len(step) == 2 for step in steps)
     ):
         raise TLError(f"{str(path)!r} does not hold a tl pipeline; {_REMEDY}.")
     steps = {
         _type_name(type(step))
-        for _, step in content["pipeline"].steps
+        for _, step in steps
         if not (isinstance(step, str) and step == "passthrough")
     }
     if steps - set(TRUSTED_TYPES):

@@ -1408,6 +1408,10 @@ def load_finetuned(directory: str | Path) -> FineTunedModel:
     check_unedited(
         metadata, "class_names", layer.class_names, directory, MODEL_FILE, _REMEDY
     )
+    check_unedited(
+        metadata, "image_size", list(model.input_shape[1:3]), directory, MODEL_FILE,
+        _REMEDY,
+    )  # fmt: skip
     return FineTunedModel(model, metadata)
 
 
