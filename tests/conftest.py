@@ -6,6 +6,8 @@ TensorFlow is imported once per pytest process; every model is built with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -136,3 +138,26 @@ def assert_one_line_error(capsys, code: int, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+# Damaging model folders as a user, a disk or an attacker would
+
+
+def edit_json(folder: Path, change, name: str = "metadata.json") -> None:
+    """Apply `change(metadata)` to a model folder's metadata.json."""
+    path = folder / name
+    metadata = json.loads(path.read_text())
+    change(metadata)
+    path.write_text(json.dumps(metadata))
+
+
+def record_sha256(folder: Path, name: str) -> None:
+    """Record a replaced file's new SHA-256 in metadata.json, as someone replacing it
+    on purpose would."""
+    digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    edit_json(folder, lambda metadata: metadata["files"].update({name: digest}))
+
+
+def truncate(path: Path) -> None:
+    """Keep the first half of a file, as an interrupted copy would."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

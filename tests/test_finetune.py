@@ -7,6 +7,7 @@ scikit-learn's own predictions and class weights, numpy for the L2-SP penalty.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,15 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMALL, load_pngs, write_png_tree
+from conftest import (
+    SMALL,
+    assert_one_line_error,
+    edit_json,
+    load_pngs,
+    record_sha256,
+    truncate,
+    write_png_tree,
+)
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -112,6 +121,9 @@ def test_fine_tuning_trains_above_chance_and_reports_like_the_leaderboard(vgg_ru
     metadata = json.loads((directory / "metadata.json").read_text())
     assert metadata["format"] == "tl-finetuned"
     assert metadata["class_names"] == ["bright", "dark"]
+    assert model.model.get_layer("class_names").class_names == ["bright", "dark"]
+    model_bytes = (directory / "model.keras").read_bytes()
+    assert metadata["files"] == {"model.keras": hashlib.sha256(model_bytes).hexdigest()}
     assert metadata["image_size"] == [SMALL, SMALL]
     assert not (directory / "checkpoints").exists()
 
@@ -141,6 +153,79 @@ def test_predict_py_classifies_with_a_fine_tuned_model(vgg_run, tmp_path):
     np.testing.assert_allclose(table["score"], probabilities.max(axis=1), rtol=1e-6)
     assert (table["true"] == [path.split("/")[0] for path in table["path"]]).all()
     assert set(table["score_kind"]) == {"probability"}
+
+
+def tiny_model(with_lambda: bool) -> keras.Model:
+    """A model of registered layers, or one with a Lambda layer (Python code)."""
+    pixels = keras.Input((SMALL, SMALL, 3))
+    x = keras.layers.GlobalAveragePooling2D()(pixels)
+    if with_lambda:
+        x = keras.layers.Lambda(lambda x: x * 2)(x)
+    return keras.Model(pixels, keras.layers.Dense(2, activation="softmax")(x))
+
+
+def replace_model(with_lambda: bool):
+    def replace(folder):
+        tiny_model(with_lambda).save(folder / "model.keras")
+        record_sha256(folder, "model.keras")
+
+    return replace
+
+
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (
+            lambda folder: truncate(folder / "metadata.json"),
+            ["metadata.json", "not valid JSON"],
+        ),
+        (
+            lambda folder: edit_json(folder, lambda m: m.pop("image_size")),
+            ["metadata.json", "lacks 'image_size'", "fine_tune.py"],
+        ),
+        (  # was Keras' "File not found" for a file that exists
+            lambda folder: truncate(folder / "model.keras"),
+            ["model.keras", "changed or truncated"],
+        ),
+        (  # was silently relabelled
+            lambda folder: edit_json(folder, lambda m: m["class_names"].reverse()),
+            ["was edited: its class_names ['dark', 'bright']", "model.keras"],
+        ),
+        (  # was a traceback from the model's input signature
+            lambda folder: edit_json(folder, lambda m: m.update(image_size=[64, 64])),
+            ["was edited: its image_size [64, 64] differs from [32, 32]"],
+        ),
+        (
+            replace_model(with_lambda=True),
+            ["model.keras", "`Lambda` layer", "safe mode"],
+        ),
+        (
+            replace_model(with_lambda=False),
+            ["model.keras", "has no ClassNames layer"],
+        ),
+    ],
+    ids=[
+        "truncated metadata.json",
+        "missing key",
+        "truncated model.keras",
+        "reordered class_names",
+        "edited image_size",
+        "a Lambda layer",
+        "no class names in the model",
+    ],
+)
+def test_damaged_edited_or_foreign_run_folders_are_refused_in_one_line(
+    vgg_run, tmp_path, capsys, damage, fragments
+):
+    images, result = vgg_run
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("metadata.json", "model.keras"):
+        shutil.copy(result.directory / name, folder / name)
+    damage(folder)
+    code = predict.main([str(folder), str(images), "-o", str(tmp_path / "p.csv")])
+    assert_one_line_error(capsys, code, *fragments)
+    assert not (tmp_path / "p.csv").exists()
 
 
 class StopAfter(keras.callbacks.Callback):
@@ -317,13 +402,10 @@ def save_probe(root, name, classifier="logreg", normalization="standard", pca=No
         if pca:
             pipeline.set_params(pca__whiten=whiten)
         pipeline.fit(X, y)
+        names = ["other", "cat"] if binary else None
         save_classifier(root / name, pipeline, store=codes, layer=layer,
                         classifier=classifier, params={}, normalization=normalization,
-                        pca=pca)  # fmt: skip
-    if binary:
-        meta = json.loads((root / name / "metadata.json").read_text())
-        meta["class_names"] = ["other", "cat"]
-        (root / name / "metadata.json").write_text(json.dumps(meta))
+                        pca=pca, class_names=names)  # fmt: skip
     return load_classifier(root / name), X
 
 
@@ -426,6 +508,12 @@ def test_init_head_refuses_probes_of_other_codes_or_classifiers(
     (other / "metadata.json").write_text(json.dumps(meta))
     assert "backbone: probe has 'vgg19', this model 'vgg16'" in refused(
         "other_backbone"
+    )
+    edited = root / "relabelled_probe"
+    shutil.copytree(root / "good_probe", edited, dirs_exist_ok=True)
+    edit_json(edited, lambda metadata: metadata["class_names"].reverse())
+    assert "was edited: its class_names ['cat', 'bee', 'ant']" in refused(
+        "relabelled_probe"
     )
     save_probe(root, "knn_probe", classifier="knn")
     assert "needs a linear classifier" in refused("knn_probe")

@@ -22,12 +22,17 @@ state, history; `checkpoints/`: weights, random seed states and optimizer state;
 re-run returns at once):
 
     model.keras            the trained model: raw RGB pixels in [0, 255] → probabilities
+                           (its last layer, `ClassNames`, holds the class names)
     metadata.json          format `tl-finetuned`, class names, image settings, settings,
-                           data, best epoch, test metrics, versions
+                           data, best epoch, test metrics, versions, files (the
+                           SHA-256 of model.keras)
     results.csv/.json      test metrics in the classifier leaderboard's schema
     confusion_matrix.csv/.png, history.csv/.png, splits.csv (path, label, split)
 
-`load_finetuned` reads a run back for prediction (`predict.py`).
+`load_finetuned` reads a run back for prediction (`predict.py`): it checks
+metadata.json and the SHA-256 of model.keras first, loads it in Keras' safe mode (only
+registered layers are built: Keras' own and tl's; a `Lambda` layer is refused) and
+refuses a metadata.json whose class names differ from the model's.
 """
 
 from __future__ import annotations
@@ -83,6 +88,16 @@ from tl.images import (
     index_images,
     load_image,
 )
+from tl.model_folder import (
+    METADATA,
+    check_files,
+    check_schema,
+    check_unedited,
+    file_hashes,
+    read_metadata,
+    require_keys,
+    unreadable,
+)
 from tl.precision import compute_policy
 from tl.reports import (
     classification_metrics,
@@ -95,7 +110,8 @@ from tl.store import settings_differences
 log = logging.getLogger("tl")
 
 MODEL_FORMAT = "tl-finetuned"
-MODEL_SCHEMA_VERSION = 1
+MODEL_SCHEMA_VERSION = 2  # 1: no file hashes, no class names in model.keras
+MODEL_FILE = "model.keras"
 HEADS = ("linear", "mlp")
 GLOBAL_POOLINGS = ("avg", "max")
 DEFAULT_HEAD_EPOCHS = 5
@@ -363,6 +379,19 @@ class InferenceMode(keras.layers.Wrapper):
 
     def call(self, inputs):
         return self.layer(inputs, training=False)
+
+
+@keras.saving.register_keras_serializable(package="tl")
+class ClassNames(keras.layers.Identity):
+    """The identity on the probabilities, whose config holds the class names: they
+    travel inside model.keras, and loading checks metadata.json's copy against them."""
+
+    def __init__(self, class_names: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.class_names = list(class_names)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "class_names": self.class_names}
 
 
 class _TowardsPretrained(keras.regularizers.Regularizer):
@@ -1327,32 +1356,70 @@ class FineTunedModel:
         return classes, probabilities, [(p, paths[p], why) for p, why in skipped]
 
 
+_REMEDY = "re-run fine_tune.py --overwrite (model folders must come from it)"
+_REQUIRED_KEYS = ("class_names", "image_size", "resize", "interpolation", "antialias",
+                  "max_pixels", "files")  # fmt: skip
+
+
 def load_finetuned(directory: str | Path) -> FineTunedModel:
-    """Load the model `fine_tune` saved in `directory` (`model.keras` + metadata)."""
+    """Load the model `fine_tune` saved in `directory`, trusting nothing in it.
+
+    Raises:
+        TLError: in one line, for a folder without a finished run, a damaged or
+            edited metadata.json or model.keras (checked against its SHA-256), a
+            layer Keras' safe mode refuses (`Lambda`), or class names that differ
+            from the model's.
+    """
     directory = Path(directory)
-    meta_path = directory / "metadata.json"
-    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if (
-        metadata.get("format") != MODEL_FORMAT
-        or not (directory / "model.keras").is_file()
-    ):
+    if not (directory / METADATA).is_file() or not (directory / MODEL_FILE).is_file():
         raise TLError(
             f"{str(directory)!r} holds no finished fine-tuning run (model.keras and a "
             f"metadata.json of format {MODEL_FORMAT!r}); give the --output-dir of "
             f"fine_tune.py (an interrupted run resumes when re-run)."
         )
-    if metadata["schema_version"] > MODEL_SCHEMA_VERSION:
+    metadata = read_metadata(directory, _REMEDY)
+    if metadata.get("format") != MODEL_FORMAT:
         raise TLError(
-            f"{str(directory)!r} was saved by a newer tl (schema "
-            f"{metadata['schema_version']}); upgrade tl."
+            f"{str(directory / METADATA)!r} does not describe a fine-tuned tl model."
         )
-    model = keras.models.load_model(directory / "model.keras", compile=False)
+    if check_schema(metadata, directory, MODEL_SCHEMA_VERSION, _REMEDY) < 2:
+        raise TLError(
+            f"{str(directory)!r} was saved by an older tl, without the SHA-256 of "
+            f"model.keras; re-run fine_tune.py --overwrite with the same settings."
+        )
+    require_keys(metadata, _REQUIRED_KEYS, directory, _REMEDY)
+    check_files(metadata, directory, (MODEL_FILE,), _REMEDY)
+    try:
+        model = keras.models.load_model(
+            directory / MODEL_FILE, compile=False, safe_mode=True
+        )
+    except Exception as error:  # Keras fails in many ways on a file it did not write
+        raise unreadable(
+            directory / MODEL_FILE,
+            error,
+            f"tl loads it in Keras' safe mode, which builds only Keras' and tl's "
+            f"registered layers; {_REMEDY}",
+        ) from None
+    layer = next((x for x in model.layers if isinstance(x, ClassNames)), None)
+    if layer is None:
+        raise TLError(
+            f"{str(directory / MODEL_FILE)!r} has no ClassNames layer; {_REMEDY}."
+        )
+    check_unedited(
+        metadata, "class_names", layer.class_names, directory, MODEL_FILE, _REMEDY
+    )
+    check_unedited(
+        metadata, "image_size", list(model.input_shape[1:3]), directory, MODEL_FILE,
+        _REMEDY,
+    )  # fmt: skip
     return FineTunedModel(model, metadata)
 
 
-def _inference_model(model: keras.Model) -> keras.Model:
-    """The same layers as an uncompiled model: saved without optimizer state."""
-    return keras.Model(model.inputs, model.outputs, name=model.name)
+def _inference_model(model: keras.Model, class_names: list[str]) -> keras.Model:
+    """The same layers as an uncompiled model (saved without optimizer state),
+    with the class names in a last `ClassNames` layer."""
+    probabilities = ClassNames(class_names, name="class_names")(model.outputs[0])
+    return keras.Model(model.inputs, probabilities, name=model.name)
 
 
 def _metadata(
@@ -1575,11 +1642,10 @@ def _export(run: _Run, source: Path, saved: SavedClassifier | None) -> None:
     write_results(rows, directory)
     _write_confusion(matrix, class_names, directory)
     _write_history(state.history, directory)
-    _inference_model(run.net.model).save(directory / "model.keras")
+    _inference_model(run.net.model, class_names).save(directory / MODEL_FILE)
     metadata = _metadata(run, source, metrics, saved)
-    (directory / "metadata.json").write_text(
-        json.dumps(metadata, indent=2, default=str)
-    )
+    metadata["files"] = file_hashes(directory, [MODEL_FILE])
+    (directory / METADATA).write_text(json.dumps(metadata, indent=2, default=str))
     state.complete = True
     state.commit(directory / _STATE)
     shutil.rmtree(directory / _CHECKPOINTS, ignore_errors=True)

@@ -11,7 +11,6 @@ listed with their reason.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from tl.features import ExtractionSettings, iter_codes, load_extractor
 from tl.finetune import MODEL_FORMAT as FINETUNED_FORMAT
 from tl.finetune import load_finetuned
 from tl.images import UNLABELED, ImageIndex, index_folder, is_image_file
+from tl.model_folder import model_format
 
 
 def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
@@ -78,10 +78,7 @@ def predict_images(
         the predicted class, or its decision value), `score_kind`, `true` (when the
         folder's sub-folders give labels), `error` (why an image was skipped).
     """
-    meta_path = Path(model_dir) / "metadata.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("format") == (
-        FINETUNED_FORMAT
-    ):
+    if model_format(model_dir) == FINETUNED_FORMAT:
         model = load_finetuned(model_dir)
         index = index_inputs(inputs, model.class_names)
         records = _finetuned_records(model, index, batch_size)
