@@ -373,111 +373,125 @@ class ImageSettings:
         object.__setattr__(self, "size", tuple(int(side) for side in self.size))
 
 
-# The first bytes TensorFlow's own decoders are chosen by; reading past the end of a
-# short file gives zeros.
+# The file's first bytes tell its format and size; past the end of a short file they
+# read as zeros.
 _HEAD_BYTES = 32
 
 
 def _head(contents: tf.Tensor) -> tf.Tensor:
-    return tf.strings.join(
+    """The first `_HEAD_BYTES` bytes of `contents`, as uint8."""
+    padded = tf.strings.join(
         [tf.strings.substr(contents, 0, _HEAD_BYTES), b"\0" * _HEAD_BYTES]
     )
+    return tf.io.decode_raw(padded, tf.uint8)[:_HEAD_BYTES]
 
 
 def _read_uint(head: tf.Tensor, offset: int, length: int, little_endian: bool):
-    raw = tf.cast(
-        tf.io.decode_raw(tf.strings.substr(head, offset, length), tf.uint8),
-        tf.int64,
+    weights = [256**i for i in range(length)]
+    if not little_endian:
+        weights.reverse()
+    raw = tf.cast(head[offset : offset + length], tf.int64)
+    return tf.reduce_sum(raw * tf.constant(weights, tf.int64))
+
+
+def _bits(value: tf.Tensor, shift: int, width: int) -> tf.Tensor:
+    return tf.bitwise.bitwise_and(tf.bitwise.right_shift(value, shift), 2**width - 1)
+
+
+def _jpeg_size(contents, head):
+    shape = tf.io.extract_jpeg_shape(contents, output_type=tf.int64)
+    return shape[0], shape[1]
+
+
+def _png_size(contents, head):
+    return _read_uint(head, 20, 4, False), _read_uint(head, 16, 4, False)
+
+
+def _gif_size(contents, head):
+    return _read_uint(head, 8, 2, True), _read_uint(head, 6, 2, True)
+
+
+def _bmp_size(contents, head):
+    height = _read_uint(head, 22, 4, True)  # negative (top-down) as int32
+    height = tf.where(height >= 2**31, 2**32 - height, height)
+    return height, _read_uint(head, 18, 4, True)
+
+
+def _webp_lossy_size(contents, head):  # 14-bit sides after the VP8 start code
+    return (
+        _bits(_read_uint(head, 28, 2, True), 0, 14),
+        _bits(_read_uint(head, 26, 2, True), 0, 14),
     )
-    if little_endian:
-        raw = tf.reverse(raw, [0])
-    weights = tf.constant([256 ** (length - 1 - i) for i in range(length)], tf.int64)
-    return tf.reduce_sum(raw * weights)
 
 
-def _is_webp(head: tf.Tensor) -> tf.Tensor:
-    return tf.logical_and(
-        tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"),
-        tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"),
+def _webp_lossless_size(contents, head):  # 14-bit sides minus one, packed
+    bits = _read_uint(head, 21, 4, True)
+    return _bits(bits, 14, 14) + 1, _bits(bits, 0, 14) + 1
+
+
+def _webp_extended_size(contents, head):  # 24-bit canvas sides minus one
+    return _read_uint(head, 27, 3, True) + 1, _read_uint(head, 24, 3, True) + 1
+
+
+def _signature(*pieces: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(value, mask): a file's head matches when `head & mask == value`. Each piece
+    is (offset, bytes) or (offset, bytes, mask bytes)."""
+    value = np.zeros(_HEAD_BYTES, np.uint8)
+    mask = np.zeros(_HEAD_BYTES, np.uint8)
+    for offset, data, *bits in pieces:
+        value[offset : offset + len(data)] = list(data)
+        mask[offset : offset + len(data)] = list(
+            bits[0] if bits else b"\xff" * len(data)
+        )
+    return value, mask
+
+
+# What `tf.io.decode_image` decodes: (signature of the first bytes, (height, width)
+# from the header). Any other file, an animated WEBP included, goes to Pillow.
+_TENSORFLOW_FORMATS = (
+    (_signature((0, b"\xff\xd8")), _jpeg_size),
+    (_signature((0, b"\x89PNG")), _png_size),
+    (_signature((0, b"GIF8")), _gif_size),
+    (_signature((0, b"BM")), _bmp_size),
+    (_signature((0, b"RIFF"), (8, b"WEBPVP8 ")), _webp_lossy_size),
+    (_signature((0, b"RIFF"), (8, b"WEBPVP8L")), _webp_lossless_size),
+    (  # animation flag clear
+        _signature((0, b"RIFF"), (8, b"WEBPVP8X"), (20, b"\0", b"\x02")),
+        _webp_extended_size,
+    ),
+)
+_SIGNATURE_VALUES = np.stack([value for (value, _), _ in _TENSORFLOW_FORMATS])
+_SIGNATURE_MASKS = np.stack([mask for (_, mask), _ in _TENSORFLOW_FORMATS])
+
+
+def _format_number(head: tf.Tensor) -> tf.Tensor:
+    """Position of the file's format in `_TENSORFLOW_FORMATS`; its length for the
+    rest (Pillow). A few vector operations, whatever the number of formats."""
+    matches = tf.reduce_all(
+        tf.equal(tf.bitwise.bitwise_and(head, _SIGNATURE_MASKS), _SIGNATURE_VALUES),
+        axis=1,
+    )
+    return tf.argmax(
+        tf.concat([tf.cast(matches, tf.int32), [1]], 0), output_type=tf.int32
     )
 
 
 def _tensorflow_decodes(contents: tf.Tensor) -> tf.Tensor:
-    """Whether `tf.io.decode_image` takes the file: JPEG, PNG, GIF, BMP or a still
-    WEBP, by its first bytes. The rest (TIFF, animated WEBP...) goes to Pillow."""
-    head = _head(contents)
-    prefix = tf.strings.substr(head, 0, 4)
-    animated = tf.logical_and(
-        tf.equal(tf.strings.substr(head, 12, 4), b"VP8X"),
-        tf.bitwise.bitwise_and(_read_uint(head, 20, 1, True), 0x02) > 0,
-    )
-    return tf.reduce_any(
-        [
-            tf.equal(tf.strings.substr(prefix, 0, 2), b"\xff\xd8"),
-            tf.equal(prefix, b"\x89PNG"),
-            tf.equal(prefix, b"GIF8"),
-            tf.equal(tf.strings.substr(prefix, 0, 2), b"BM"),
-            tf.logical_and(_is_webp(head), tf.logical_not(animated)),
-        ]
-    )
+    return _format_number(_head(contents)) < len(_TENSORFLOW_FORMATS)
 
 
 def _header_size(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(height, width) from the file header, without decoding; (0, 0) if unknown."""
     head = _head(contents)
-    magic = tf.strings.substr(head, 0, 4)
+    return _size_of(contents, head, _format_number(head))
 
-    def jpeg():
-        shape = tf.io.extract_jpeg_shape(contents, output_type=tf.int64)
-        return shape[0], shape[1]
 
-    def png():
-        return _read_uint(head, 20, 4, False), _read_uint(head, 16, 4, False)
-
-    def gif():
-        return _read_uint(head, 8, 2, True), _read_uint(head, 6, 2, True)
-
-    def bmp():
-        height = _read_uint(head, 22, 4, True)  # negative (top-down) as int32
-        height = tf.where(height >= 2**31, 2**32 - height, height)
-        return height, _read_uint(head, 18, 4, True)
-
-    def webp_lossy():  # 14-bit sides after the VP8 start code
-        side = 0x3FFF
-        return (
-            tf.bitwise.bitwise_and(_read_uint(head, 28, 2, True), side),
-            tf.bitwise.bitwise_and(_read_uint(head, 26, 2, True), side),
-        )
-
-    def webp_lossless():  # 14-bit sides minus one, packed after the 0x2f signature
-        bits = _read_uint(head, 21, 4, True)
-        side = 0x3FFF
-        return (
-            tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 14), side) + 1,
-            tf.bitwise.bitwise_and(bits, side) + 1,
-        )
-
-    def webp_extended():  # 24-bit canvas sides minus one
-        return _read_uint(head, 27, 3, True) + 1, _read_uint(head, 24, 3, True) + 1
-
+def _size_of(contents: tf.Tensor, head: tf.Tensor, number: tf.Tensor):
     def unknown():
         return tf.constant(0, tf.int64), tf.constant(0, tf.int64)
 
-    prefix = tf.strings.substr(magic, 0, 2)
-    chunk = tf.strings.substr(head, 12, 4)
-    webp = _is_webp(head)
-    return tf.case(
-        [
-            (tf.equal(prefix, b"\xff\xd8"), jpeg),
-            (tf.equal(magic, b"\x89PNG"), png),
-            (tf.equal(magic, b"GIF8"), gif),
-            (tf.equal(prefix, b"BM"), bmp),
-            (tf.logical_and(webp, tf.equal(chunk, b"VP8 ")), webp_lossy),
-            (tf.logical_and(webp, tf.equal(chunk, b"VP8L")), webp_lossless),
-            (tf.logical_and(webp, tf.equal(chunk, b"VP8X")), webp_extended),
-        ],
-        default=unknown,
-    )
+    sizes = [functools.partial(size, contents, head) for _, size in _TENSORFLOW_FORMATS]
+    return tf.switch_case(number, [*sizes, unknown])
 
 
 def _pillow_pixels(contents: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -543,10 +557,13 @@ def _resize(image: tf.Tensor, settings: ImageSettings) -> tf.Tensor:
 def _decode_checked(contents: tf.Tensor, settings: ImageSettings) -> tf.Tensor:
     """Decode to uint8 RGB (gray, RGBA, palette, 16-bit all become 8-bit RGB).
 
-    TensorFlow decodes what it can; other files (TIFF...) go through Pillow in a
-    `tf.numpy_function`. Both refuse an image above the pixel limit before decoding.
+    TensorFlow decodes the formats of `_TENSORFLOW_FORMATS`; other files (TIFF...) go
+    through Pillow in a `tf.numpy_function`. Both refuse an image above the pixel
+    limit from its header, before decoding.
     """
-    height, width = _header_size(contents)
+    head = _head(contents)
+    number = _format_number(head)
+    height, width = _size_of(contents, head, number)
     too_large = tf.debugging.assert_less_equal(
         height * width, tf.constant(settings.max_pixels, tf.int64), message="too large"
     )
@@ -556,18 +573,16 @@ def _decode_checked(contents: tf.Tensor, settings: ImageSettings) -> tf.Tensor:
             contents, channels=3, dtype=tf.uint8, expand_animations=False
         )
 
-    def with_pillow():
-        image = tf.numpy_function(
+    def with_pillow():  # checks the size itself: (0, 0) above
+        return tf.numpy_function(
             functools.partial(_pillow_tensor, max_pixels=settings.max_pixels),
             [contents],
             tf.uint8,
             stateful=False,
         )
-        image.set_shape([None, None, 3])
-        return image
 
     with tf.control_dependencies([too_large]):
-        image = tf.cond(_tensorflow_decodes(contents), with_tensorflow, with_pillow)
+        image = tf.cond(number < len(_TENSORFLOW_FORMATS), with_tensorflow, with_pillow)
     image.set_shape([None, None, 3])
     return image
 
