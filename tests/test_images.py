@@ -73,7 +73,9 @@ def test_csv_index_with_and_without_labels(tmp_path):
     assert index.class_names == ["ant", "zebra"]
     assert index.labels.tolist() == [1, 0]
     assert index.absolute_paths() == [str(tmp_path / "imgs/one.png"), "/abs/two.png"]
-    (tmp_path / "swapped.csv").write_text("Label, Path\nzebra,imgs/one.png\n")
+    (tmp_path / "swapped.csv").write_text(  # as spreadsheets save it, with a BOM
+        "\ufeffLabel, Path\nzebra,imgs/one.png\n", encoding="utf-8"
+    )
     swapped = index_csv(tmp_path / "swapped.csv")
     assert (swapped.paths, swapped.class_names) == (["imgs/one.png"], ["zebra"])
     (tmp_path / "plain.csv").write_text("path\nimgs/one.png\n")
@@ -84,6 +86,8 @@ def test_csv_index_with_and_without_labels(tmp_path):
     (tmp_path / "blank.csv").write_text("path,label\na.png,x\nb.png, \n")
     with pytest.raises(TLError, match=r"Line 3 of CSV .* has an empty label"):
         index_csv(tmp_path / "blank.csv")
+    with pytest.raises(TLError, match=r"Cannot read the CSV .*: No such file"):
+        index_csv(tmp_path / "missing.csv")
 
 
 @pytest.mark.parametrize(

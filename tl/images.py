@@ -273,11 +273,12 @@ def index_csv(csv_path: str | Path, labels: str | None = "inferred") -> ImageInd
     _check_labels(labels)
     csv_path = Path(csv_path).expanduser().resolve()
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # BOM ok
             reader = csv.reader(handle)
             rows = [(reader.line_num, row) for row in reader if "".join(row).strip()]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise TLError(f"Cannot read the CSV {str(csv_path)!r}: {error}.") from None
+        reason = getattr(error, "strerror", None) or error
+        raise TLError(f"Cannot read the CSV {str(csv_path)!r}: {reason}.") from None
     header = [cell.strip().lower() for cell in rows[0][1]] if rows else []
     if sorted(header) not in (["path"], ["label", "path"]):
         found = ", ".join(map(repr, rows[0][1])) if rows else "no row at all"
