@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "source",
         nargs="?",
         help="image folder (one sub-folder per class, or unlabeled images) or a CSV "
-        "of path,label",
+        "with a path (and optionally label) header",
     )
     parser.add_argument(
         "-o",

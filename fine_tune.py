@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "source",
         nargs="?",
-        help="image folder with one sub-folder per class, or a CSV of path,label",
+        help="image folder with one sub-folder per class, or a CSV with a "
+        "path,label header",
     )
     parser.add_argument(
         "-o", "--output-dir", help="run folder to write [runs/<source>_<backbone>]"

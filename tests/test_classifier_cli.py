@@ -145,6 +145,23 @@ def test_predict_on_images_equals_extract_then_classify(trained, tmp_path):
     assert broken.error.item().startswith("cannot decode")
 
 
+def test_predict_shows_absolute_paths_of_files_given_one_by_one(
+    trained, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(trained["images"])
+    first = trained["images"] / "ant" / "img_000.png"
+    csv = tmp_path / "predictions.csv"
+    model = str(trained["output"] / "best_model")
+    args = [model, str(first), "bee/img_001.png", "-o", str(csv), "-q"]
+    assert predict.main(args) == 0
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert table.path.tolist() == [
+        str(first),
+        str(trained["images"] / "bee" / "img_001.png"),
+    ]
+    assert (table.error == "").all()
+
+
 def test_predict_refuses_when_the_weights_file_changed(trained, tmp_path, capsys):
     weights = trained["weights"]
     original = weights.read_bytes()

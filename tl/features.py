@@ -548,8 +548,8 @@ def extract(
             f"resuming after {done}, " if done else "",
             f"{remaining} to go",
         )
-        for ignored in index.ignored:
-            log.warning("ignored %s: not inside a class folder", ignored)
+        for path, reason in index.ignored:
+            log.warning("ignored %s: %s", path, reason)
         log.info("codes per layer (%s):\n%s", settings.dtype, "\n".join(lines))
         if extractor.weights.source == "none":
             log.warning(

@@ -11,6 +11,7 @@ listed with their reason.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from tl.model_folder import model_format
 
 def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
     """Images to classify: one folder (class sub-folders named like the model's
-    classes give true labels), or any mix of image files and folders (unlabeled)."""
+    classes give true labels; paths relative to it), or any mix of image files and
+    folders (unlabeled; absolute paths, those of files as given, made absolute)."""
     if not inputs:
         raise TLError("Give image files or folders to classify.")
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
@@ -42,7 +44,7 @@ def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
         return index_folder(inputs[0], labels=None)
     paths: list[str] = []
     for item in inputs:
-        path = Path(item).expanduser().resolve()
+        path = Path(os.path.abspath(Path(item).expanduser()))
         if path.is_dir():
             found = index_folder(path, labels=None)
             paths += found.absolute_paths()
@@ -51,7 +53,7 @@ def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
         else:
             raise TLError(f"{item!r} is neither an image file nor a folder.")
     labels = np.full(len(paths), UNLABELED, np.int32)
-    return ImageIndex(Path("/"), [p.lstrip("/") for p in paths], labels, [])
+    return ImageIndex(Path("/"), paths, labels, [])
 
 
 def extraction_settings(model: SavedClassifier) -> ExtractionSettings:
