@@ -204,7 +204,8 @@ class _Data:
 
 
 def _note(adjustments: list[str], text: str) -> None:
-    """Record an adjustment and log it at once (it also goes into run.json)."""
+    """Record an adjustment made while training and log it at once (it also goes
+    into run.json). The data checks' notes are logged once all checks passed."""
     adjustments.append(text)
     log.warning("note: %s", text)
 
@@ -278,8 +279,7 @@ def _drop_nonfinite(
             f"the layers {', '.join(layers)}, so --drop-nonfinite leaves nothing; "
             f"compare the layers one at a time with --layers, or re-extract."
         )
-    _note(
-        adjustments,
+    adjustments.append(
         f"dropped {len(bad)} rows with NaN/inf codes: {', '.join(paths)}"
         + (" ..." if len(bad) > 5 else ""),
     )
@@ -304,7 +304,7 @@ def _prepare(
                 if (labels == number).any()
                 else "images"
             )
-            _note(adjustments, f"class {name!r} has no {reason}; it is left out")
+            adjustments.append(f"class {name!r} has no {reason}; it is left out")
     labels = labels[rows]
 
     present, counts = np.unique(labels, return_counts=True)
@@ -341,11 +341,10 @@ def _prepare(
             f"images per fold split. Add images or remove the class."
         )
     if folds < settings.folds:
-        _note(
-            adjustments,
+        adjustments.append(
             f"cross-validation uses {folds} folds instead of {settings.folds}: the "
             f"smallest class has only {int(train_counts.min())} training images "
-            f"({_class_counts(labels, names)})",
+            f"({_class_counts(labels, names)})"
         )
     return _Data(
         store, rows, labels, test_store, test_rows, test_labels, folds, adjustments
@@ -890,6 +889,8 @@ def compare(
         if test_store is not None and settings.protocol != "holdout":
             raise TLError("A separate test store goes with the holdout protocol.")
         data = _prepare(store, test_store, layers, settings)
+        for note in data.adjustments:  # once the checks passed: a refusal is one line
+            log.warning("note: %s", note)
         total = len(layers) * len(settings.classifiers)
         if settings.protocol == "cv":
             total *= data.folds + 1  # outer folds, then the search on all rows
