@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tl.cli import default_output, run_cli
+from tl.cli import ArgumentParser, ListOption, check_output, default_output, run_cli
 from tl.errors import TLError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     from tl.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, RESIZE_MODES
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Extract CNN codes of several layers in one forward pass into an "
         "HDF5 feature store. Re-running the same command resumes an interrupted run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -43,14 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "-l",
         "--layers",
-        nargs="+",
+        action=ListOption,
+        positional="source",
         default=["last"],
         help="layer aliases or Keras layer names (see --list-layers)",
     )
     model.add_argument(
         "-p",
         "--pooling",
-        nargs="+",
+        action=ListOption,
+        positional="source",
         default=["avg"],
         help="avg, max, avgmax, flatten, none or grid:GHxGW; one for "
         "all layers or one per layer",
@@ -163,14 +165,20 @@ def _command(args: argparse.Namespace) -> int:
     if args.merge:
         if not args.output:
             raise TLError("--merge needs --output, the merged store to write.")
-        store.merge_stores(args.merge, args.output, overwrite=args.overwrite)
-        print(f"merged {len(args.merge)} shards into {args.output}")
+        output = check_output(args.output, "--output")
+        store.merge_stores(args.merge, output, overwrite=args.overwrite)
+        print(f"merged {len(args.merge)} shards into {output}")
         return 0
     if args.resume:
-        result = features.resume(args.resume, **options)
+        result = features.resume(check_output(args.resume, "--resume"), **options)
     else:
         if not args.source:
             raise TLError("Give an image folder or CSV to extract (or --resume STORE).")
+        output = check_output(
+            args.output
+            or default_output("features", args.source, args.backbone, ".h5"),
+            "--output",
+        )
         settings = features.ExtractionSettings(
             backbone=args.backbone,
             layers=args.layers,
@@ -191,8 +199,7 @@ def _command(args: argparse.Namespace) -> int:
             print(f"hint: {hint}", file=sys.stderr)
         result = features.extract(
             args.source,
-            args.output
-            or default_output("features", args.source, args.backbone, ".h5"),
+            output,
             settings,
             compression=None if args.compression == "none" else args.compression,
             shard=_shard(args.shard),

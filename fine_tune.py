@@ -15,10 +15,10 @@ import argparse
 import dataclasses
 import sys
 
-from tl.cli import default_output, run_cli
+from tl.cli import ArgumentParser, ListOption, check_output, default_output, run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     from tl.finetune import (
         AUGMENTATIONS,
         DEFAULT_DROPOUT,
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tl.images import INTERPOLATIONS, RESIZE_MODES
 
     default = {f.name: f.default for f in dataclasses.fields(FineTuneSettings)}
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Fine-tune a keras.applications backbone with a new head: stage 1 "
         "trains the head on the frozen backbone, stage 2 also the unfrozen top of the "
         "backbone, with warmup and cosine decay. Writes model.keras, training curves "
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     regular = parser.add_argument_group("regularisation")
     regular.add_argument(
         "--augment",
+        action=ListOption,
+        positional="source",
         nargs="*",
         default=[],
         choices=list(AUGMENTATIONS),
@@ -251,12 +253,17 @@ def _command(args: argparse.Namespace) -> int:
         test_split=args.test_split,
         patience=args.patience,
     )
+    output = check_output(
+        args.output_dir or default_output("runs", args.source, settings.backbone),
+        "--output-dir",
+        folder=True,
+    )
     hint = half_precision_hint(args.precision, args.backbone, training=True)
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
     result = fine_tune(
         args.source,
-        args.output_dir or default_output("runs", args.source, settings.backbone),
+        output,
         settings,
         val_source=args.val_dir,
         test_source=args.test_dir,

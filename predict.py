@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tl.cli import run_cli
+from tl.cli import ArgumentParser, check_output, run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         description="Classify images with a saved tl model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -34,10 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _command(args: argparse.Namespace) -> int:
     from tl.prediction import predict_images
 
+    output = check_output(args.output, "-o/--output")
     table = predict_images(
         args.model, args.inputs, batch_size=args.batch_size, progress=not args.quiet
     )
-    table.to_csv(args.output, index=False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output, index=False)
     errors = table[table.error != ""]
     print(table.head(10).to_string(index=False))
     summary = f"{len(table)} images, {len(errors)} skipped; wrote {args.output}"

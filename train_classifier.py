@@ -15,27 +15,36 @@ import argparse
 import sys
 from pathlib import Path
 
-from tl.cli import run_cli
+from tl.cli import ArgumentParser, ListOption, check_output, run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     from tl.classifiers import CLASSIFIERS, NORMALIZATIONS
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Compare classifiers on the CNN codes of each layer of a feature "
         "store, with honest evaluation; save the winner.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("store", help="feature store written by extract_features.py")
+    parser.add_argument(
+        "store", nargs="?", help="feature store written by extract_features.py"
+    )
     parser.add_argument("-o", "--output-dir", help="[results/<store name>]")
     parser.add_argument(
         "-c",
         "--classifiers",
-        nargs="+",
+        action=ListOption,
+        positional="store",
         default=["logreg", "linear_svm", "rbf_svm"],
         choices=list(CLASSIFIERS),
     )
-    parser.add_argument("-l", "--layers", nargs="+", help="store layers [all]")
+    parser.add_argument(
+        "-l",
+        "--layers",
+        action=ListOption,
+        positional="store",
+        help="store layers [all]",
+    )
     parser.add_argument("--normalization", default="standard", choices=NORMALIZATIONS)
     parser.add_argument("--pca", type=int, help="keep this many principal components")
     parser.add_argument(
@@ -65,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument(
         "--shots",
+        action=ListOption,
+        positional="store",
         type=int,
-        nargs="+",
         default=[],
         help="low-shot curves: examples per class, e.g. 1 2 5 10",
     )
@@ -100,8 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     from tl import classifiers, evaluation, reports
+    from tl.errors import TLError
     from tl.store import FeatureStore
 
+    if not args.store:
+        raise TLError("Give the feature store to train on (see extract_features.py).")
+    output = check_output(
+        args.output_dir or Path("results") / Path(args.store).stem,
+        "--output-dir",
+        folder=True,
+    )
     settings = evaluation.ComparisonSettings(
         classifiers=tuple(args.classifiers),
         layers=tuple(args.layers) if args.layers else None,
@@ -120,7 +138,6 @@ def _command(args: argparse.Namespace) -> int:
         memory_limit_gb=args.memory_limit,
         drop_nonfinite=args.drop_nonfinite,
     )
-    output = Path(args.output_dir or Path("results") / Path(args.store).stem)
     with FeatureStore(args.store) as store:
         result = evaluation.compare(
             store, settings, test_store=args.test_store, progress=not args.quiet

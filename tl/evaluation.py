@@ -10,7 +10,9 @@ refits, and scores the result on rows that played no part in any choice:
 - `cv`: nested cross-validation. Each outer fold repeats the whole selection (every
   layer, classifier and hyper-parameter) on its training part and scores the selected
   model on its held-out part; the mean ± std of those scores estimates the procedure.
+  The final model is chosen by that same rule on all rows, then refit on all rows.
 
+Every protocol chooses by the best mean CV accuracy, ties broken by the lower std.
 A low-shot mode trains on `shots` examples per class (several seeds, default
 hyper-parameters: too few rows for CV) and scores on the test split.
 Data problems (empty store, one class, tiny classes, non-finite codes) raise a
@@ -26,12 +28,12 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-from sklearn.base import clone
+from sklearn.decomposition import IncrementalPCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.preprocessing import Normalizer
 from tqdm.auto import tqdm
 
 from tl.classifiers import (
@@ -161,6 +163,8 @@ class ComparisonResult:
         winner_estimate: the winner's unbiased score: its test metrics (holdout) or
             the nested-CV mean/std of the selection procedure (cv).
         selections: nested CV only: the candidate each outer fold selected.
+        final_selection: nested CV only: how the final model was chosen, by the
+            outer folds' rule on all rows (layer, classifier, params, inner CV).
         confusion: confusion matrix of the winner on the test rows (holdout) or
             pooled over outer folds of the selected models (cv).
         adjustments: what was changed or dropped, and why.
@@ -178,6 +182,7 @@ class ComparisonResult:
     adjustments: list[str]
     split: dict
     selections: list[dict] = dataclasses.field(default_factory=list)
+    final_selection: dict = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------
@@ -196,6 +201,13 @@ class _Data:
     test_labels: np.ndarray | None
     folds: int
     adjustments: list[str]
+
+
+def _note(adjustments: list[str], text: str) -> None:
+    """Record an adjustment made while training and log it at once (it also goes
+    into run.json). The data checks' notes are logged once all checks passed."""
+    adjustments.append(text)
+    log.warning("note: %s", text)
 
 
 def _class_counts(labels: np.ndarray, names: list[str]) -> str:
@@ -220,13 +232,58 @@ def _check_labels(store: FeatureStore, what: str) -> np.ndarray:
     return labels
 
 
-def _nonfinite_rows(store: FeatureStore, layers: list[str]) -> np.ndarray:
-    """Rows whose codes contain NaN or inf in any compared layer (read by chunks)."""
-    bad = np.zeros(len(store), bool)
+def _nonfinite_rows(store: FeatureStore, layers: list[str]) -> dict[str, np.ndarray]:
+    """Per compared layer, a mask of the rows whose codes hold NaN or inf (read by
+    chunks)."""
+    masks = {}
     for layer in layers:
+        bad = masks[layer] = np.zeros(len(store), bool)
         for rows, codes in store.iter_rows(layer):
             bad[rows] |= ~np.isfinite(codes.reshape(len(codes), -1)).all(axis=1)
-    return np.flatnonzero(bad)
+    return masks
+
+
+def _drop_nonfinite(
+    store: FeatureStore,
+    layers: list[str],
+    settings: ComparisonSettings,
+    adjustments: list[str],
+) -> np.ndarray:
+    """The rows to use: all, or (drop_nonfinite) those with finite codes in every
+    compared layer. Refuses, in one line, non-finite codes that cannot be dropped."""
+    masks = _nonfinite_rows(store, layers)
+    hopeless = [layer for layer, bad in masks.items() if bad.all()]
+    if hopeless:
+        others = [layer for layer in layers if layer not in hopeless]
+        advice = (
+            f"leave them out with --layers {' '.join(others)}, or " if others else ""
+        )
+        raise TLError(
+            f"Every row of {str(store.path)!r} has NaN or infinite codes in layer(s) "
+            f"{', '.join(hopeless)}; {advice}re-extract (a float16 --dtype can "
+            f"overflow)."
+        )
+    bad = np.flatnonzero(np.logical_or.reduce(list(masks.values())))
+    if not len(bad):
+        return np.arange(len(store))
+    paths = [store.paths[i] for i in bad[:5]]
+    if not settings.drop_nonfinite:
+        raise TLError(
+            f"{len(bad)} rows of {str(store.path)!r} have NaN or infinite codes "
+            f"(e.g. {', '.join(paths)}). Pass --drop-nonfinite to leave them out, "
+            f"or re-extract (a float16 --dtype can overflow)."
+        )
+    if len(bad) == len(store):
+        raise TLError(
+            f"Every row of {str(store.path)!r} has NaN or infinite codes in one of "
+            f"the layers {', '.join(layers)}, so --drop-nonfinite leaves nothing; "
+            f"compare the layers one at a time with --layers, or re-extract."
+        )
+    adjustments.append(
+        f"dropped {len(bad)} rows with NaN/inf codes: {', '.join(paths)}"
+        + (" ..." if len(bad) > 5 else ""),
+    )
+    return np.setdiff1d(np.arange(len(store)), bad)
 
 
 def _prepare(
@@ -237,33 +294,26 @@ def _prepare(
 ) -> _Data:
     adjustments: list[str] = []
     labels = _check_labels(store, "Feature store")
-    rows = np.arange(len(store))
     names = store.class_names
+    rows = _drop_nonfinite(store, layers, settings, adjustments)
+    dropped = len(store) - len(rows)
     for number, name in enumerate(names):
-        if not (labels == number).any():
-            adjustments.append(f"class {name!r} has no images; it is left out")
-
-    bad = _nonfinite_rows(store, layers)
-    if len(bad):
-        paths = [store.paths[i] for i in bad[:5]]
-        if not settings.drop_nonfinite:
-            raise TLError(
-                f"{len(bad)} rows of {str(store.path)!r} have NaN or infinite codes "
-                f"(e.g. {', '.join(paths)}). Pass --drop-nonfinite to leave them out, "
-                f"or re-extract (a float16 --dtype can overflow)."
+        if not (labels[rows] == number).any():
+            reason = (
+                "rows left after dropping non-finite codes"
+                if (labels == number).any()
+                else "images"
             )
-        adjustments.append(
-            f"dropped {len(bad)} rows with NaN/inf codes: {', '.join(paths)}"
-            + (" ..." if len(bad) > 5 else "")
-        )
-        rows = np.setdiff1d(rows, bad)
-        labels = labels[rows]
+            adjustments.append(f"class {name!r} has no {reason}; it is left out")
+    labels = labels[rows]
 
     present, counts = np.unique(labels, return_counts=True)
     if len(present) < 2:
         raise TLError(
             f"Classification needs at least two classes; {str(store.path)!r} has "
-            f"only {names[present[0]]!r} ({counts[0]} images)."
+            f"only {names[present[0]]!r} ({counts[0]} images)"
+            + (f" after dropping {dropped} rows with NaN/inf codes" if dropped else "")
+            + "."
         )
     test_rows = test_labels = None
     if test_store is not None:
@@ -389,6 +439,13 @@ def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> 
     )
 
 
+def _selection_key(fold_scores: list[float]) -> tuple[float, float]:
+    """The rule that chooses among candidates, in every protocol: the best mean CV
+    accuracy, ties broken by the lower standard deviation (then by layer ×
+    classifier order)."""
+    return float(np.mean(fold_scores)), -float(np.std(fold_scores))
+
+
 def _fit(classifier: str, params: dict, X, y, settings) -> tuple[Pipeline, float]:
     """Fit the pipeline with `params` on all of X; returns it and the seconds taken."""
     pipeline = _pipeline(classifier, settings, params)
@@ -410,40 +467,65 @@ def _fit_out_of_core(
     settings: ComparisonSettings,
     epochs: int = 5,
 ) -> tuple[Pipeline, float]:
-    """Standardise then SGD, both by `partial_fit` over chunks of the store."""
+    """The settings' pipeline with SGD, fitted by passes over chunks of the store.
+
+    One pass fits the normalisation (`StandardScaler.partial_fit`; the l2
+    `Normalizer` is stateless), one more fits PCA as `IncrementalPCA`, then SGD runs
+    `epochs` passes, so the pipeline has every step the settings name.
+    """
     began = time.perf_counter()
     label_of_row = np.zeros(len(store), np.int64)
     label_of_row[train_rows] = y_train
     classes = np.unique(y_train)
-    model = clone(CLASSIFIERS["sgd"].build(settings.class_weight, settings.seed))
-    model.set_params(**params)
+    pipeline = _pipeline("sgd", settings, params)
+    if settings.pca:
+        pipeline.set_params(pca=IncrementalPCA(n_components=settings.pca))
+    model = pipeline.named_steps["classifier"]
     if settings.class_weight == "balanced":  # partial_fit needs explicit weights
         counts = np.bincount(y_train, minlength=classes.max() + 1)[classes]
         weights = len(y_train) / (len(classes) * counts)
         model.set_params(class_weight=dict(zip(classes.tolist(), weights, strict=True)))
+    fitted: list = []  # the transforming steps fitted so far
 
     def train_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for rows, codes in store.iter_rows(layer, train_rows):
-            yield as_features(codes), label_of_row[rows]
+            X = as_features(codes)
+            for step in fitted:
+                X = step.transform(X)
+            yield X, label_of_row[rows]
 
-    normalize = {"standard": StandardScaler(), "l2": Normalizer(), "none": None}[
-        settings.normalization
-    ]
-    for X, _ in train_chunks():  # a first pass fits the scaler (Normalizer: no-op)
-        if normalize is not None:
-            normalize.partial_fit(X)
+    for name in ("normalize", "pca"):
+        step = pipeline.named_steps[name]
+        if step == "passthrough":
+            continue
+        if isinstance(step, Normalizer):  # stateless: fit only records the width
+            step.fit(next(train_chunks())[0])
+        else:
+            chunks = (X for X, _ in train_chunks())
+            for X in _batches_of_at_least(chunks, getattr(step, "n_components", 1)):
+                step.partial_fit(X)
+        fitted.append(step)
     for _ in range(epochs):
         for X, y in train_chunks():
-            X = normalize.transform(X) if normalize is not None else X
             model.partial_fit(X, y, classes=classes)
-    pipeline = Pipeline(
-        [
-            ("normalize", normalize or "passthrough"),
-            ("pca", "passthrough"),
-            ("classifier", model),
-        ]
-    )
     return pipeline, time.perf_counter() - began
+
+
+def _batches_of_at_least(
+    chunks: Iterator[np.ndarray], size: int
+) -> Iterator[np.ndarray]:
+    """The rows of `chunks`, regrouped so that each batch has at least `size` rows
+    (when all of them together do): `IncrementalPCA.partial_fit` needs as many rows
+    as components, and a chunk of selected rows can be small."""
+    pending = None
+    for chunk in chunks:
+        if pending is not None and len(pending) >= size and len(chunk) >= size:
+            yield pending
+            pending = chunk
+        else:
+            pending = chunk if pending is None else np.concatenate([pending, chunk])
+    if pending is not None:
+        yield pending
 
 
 def _predict_rows(store, layer, rows, pipeline) -> np.ndarray:
@@ -505,16 +587,26 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
     y_train = data.labels[train]
     y_test = data.labels[test] if test is not None else data.test_labels
     search_rows = _subsample(train, data.labels, settings.search_rows, settings.seed)
+    shots = _possible_shots(
+        settings.shots, y_train, data.store.class_names, data.adjustments
+    )
     for layer in layers:
         out_of_core = _use_out_of_core(data.store, layer, settings)
         if out_of_core:
             names = [c for c in settings.classifiers if CLASSIFIERS[c].out_of_core]
             skipped = sorted(set(settings.classifiers) - set(names))
             if skipped:
-                data.adjustments.append(
+                _note(
+                    data.adjustments,
                     f"layer {layer!r} is trained out of core "
                     f"({_layer_bytes(data.store, layer) / 1e9:.1f} GB): only sgd "
-                    f"supports that; {', '.join(skipped)} skipped"
+                    f"supports that; {', '.join(skipped)} skipped",
+                )
+            if shots:
+                _note(
+                    data.adjustments,
+                    f"no low-shot curve for layer {layer!r}: it is trained out of "
+                    f"core, and low-shot training needs its codes in memory",
                 )
             X_search = as_features(data.store.read(layer, data.rows[search_rows]))
             X = None
@@ -573,22 +665,47 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
             rows += metric_rows(
                 {**metrics, "fit_seconds": seconds}, split="test", **keys
             )
-            if settings.shots and X is not None:
+            if shots and X is not None:
                 rows += _low_shot(
-                    name, X[train], y_train, X_test, y_test, layer, settings
+                    name, X[train], y_train, X_test, y_test, layer, shots, settings
                 )
             bar.update()
     split["y_test"] = y_test
     return rows, candidates, split
 
 
-def _low_shot(name, X_train, y_train, X_test, y_test, layer, settings) -> list[dict]:
-    """Train on `shots` examples per class (several seeds), score on the test rows."""
+def _possible_shots(
+    shots: tuple[int, ...],
+    y_train: np.ndarray,
+    class_names: list[str],
+    adjustments: list[str],
+) -> tuple[int, ...]:
+    """`shots` with values larger than the smallest class's training rows replaced,
+    with a note, by that number (the largest possible), without repeats."""
+    if not shots:
+        return ()
+    classes, counts = np.unique(y_train, return_counts=True)
+    largest = int(counts.min())
+    possible = tuple(dict.fromkeys(min(s, largest) for s in shots))
+    too_many = [s for s in shots if s > largest]
+    if too_many:
+        _note(
+            adjustments,
+            f"shots {', '.join(map(str, too_many))} per class: the smallest class "
+            f"{class_names[classes[np.argmin(counts)]]!r} has only {largest} training "
+            f"rows, so the low-shot curves use {', '.join(map(str, possible))}",
+        )
+    return possible
+
+
+def _low_shot(
+    name, X_train, y_train, X_test, y_test, layer, shot_counts, settings
+) -> list[dict]:
+    """Train on each of `shot_counts` examples per class (several seeds), score on
+    the test rows."""
     rows = []
     classes = np.unique(y_train)
-    for shots in settings.shots:
-        if np.bincount(y_train)[classes].min() < shots:
-            continue
+    for shots in shot_counts:
         for repeat in range(settings.shot_seeds):
             rng = np.random.default_rng(settings.seed + repeat)
             chosen = np.concatenate(
@@ -619,17 +736,26 @@ def _low_shot(name, X_train, y_train, X_test, y_test, layer, settings) -> list[d
     return rows
 
 
-def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
-    """Nested CV: every outer fold selects among all candidates on its train part."""
+def _nested(data, layers, settings, bar) -> tuple[list, list, list, tuple, dict]:
+    """Nested CV: every outer fold selects among all candidates on its train part.
+
+    Each candidate is also searched, by the same inner rule, on all rows: the final
+    model is chosen from those searches exactly as each outer fold chose its model.
+    """
     outer = StratifiedKFold(data.folds, shuffle=True, random_state=settings.seed)
     splits = list(outer.split(np.zeros(len(data.labels)), data.labels))
     inner_folds = max(2, min(data.folds, _min_class(data.labels, splits)))
     if inner_folds < data.folds:
-        data.adjustments.append(
+        _note(
+            data.adjustments,
             f"inner cross-validation uses {inner_folds} folds: the smallest class "
-            f"is too small for {data.folds} within an outer training part"
+            f"is too small for {data.folds} within an outer training part",
         )
-    rows, scores = [], {}
+    everything = np.arange(len(data.rows))
+    final_rows = _subsample(
+        everything, data.labels, settings.search_rows, settings.seed
+    )
+    rows, scores, final = [], {}, {}
     for layer in layers:
         X = as_features(data.store.read(layer))[data.rows]
         for name in settings.classifiers:
@@ -650,12 +776,7 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
                 )
                 predicted = pipeline.predict(X[test])
                 metrics = classification_metrics(data.labels[test], predicted)
-                scores[(layer, name, fold)] = (
-                    np.mean(found.fold_scores),
-                    metrics,
-                    predicted,
-                    found.params,
-                )
+                scores[(layer, name, fold)] = (found, metrics, predicted)
                 rows += metric_rows(
                     {**metrics, "fit_seconds": seconds},
                     method="linear_probe",
@@ -666,6 +787,10 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
                     seed=settings.seed,
                 )
                 bar.update()
+            final[(layer, name)] = _search(
+                name, X[final_rows], data.labels[final_rows], inner_folds, settings
+            )
+            bar.update()
     candidates = []
     for layer in layers:
         for name in settings.classifiers:
@@ -674,21 +799,27 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
                 m: float(np.mean([s[m] for s in outer_scores])) for m in outer_scores[0]
             }
             candidates.append(
-                Candidate(layer, name, {}, [s["accuracy"] for s in outer_scores], mean)
+                Candidate(
+                    layer,
+                    name,
+                    final[(layer, name)].params,
+                    [s["accuracy"] for s in outer_scores],
+                    mean,
+                )
             )
     selections, confusion_pairs = [], []
     for fold, (_, test) in enumerate(splits):
-        (layer, name, _), (inner, metrics, predicted, params) = max(
+        (layer, name, _), (found, metrics, predicted) = max(
             ((key, value) for key, value in scores.items() if key[2] == fold),
-            key=lambda item: item[1][0],
+            key=lambda item: _selection_key(item[1][0].fold_scores),
         )
         selections.append(
             {
                 "fold": fold,
                 "layer": layer,
                 "classifier": name,
-                "params": params,
-                "inner_cv": float(inner),
+                "params": found.params,
+                "inner_cv": float(np.mean(found.fold_scores)),
                 **metrics,
             }
         )
@@ -704,7 +835,7 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
         confusion_pairs.append((data.labels[test], predicted))
     y_true = np.concatenate([t for t, _ in confusion_pairs])
     y_pred = np.concatenate([p for _, p in confusion_pairs])
-    return rows, candidates, selections, (y_true, y_pred)
+    return rows, candidates, selections, (y_true, y_pred), final
 
 
 def _min_class(labels, splits) -> int:
@@ -764,11 +895,11 @@ def compare(
                 "accuracies say nothing about the pretrained backbone.",
                 store.path,
             )
-        for note in data.adjustments:
+        for note in data.adjustments:  # once the checks passed: a refusal is one line
             log.warning("note: %s", note)
         total = len(layers) * len(settings.classifiers)
         if settings.protocol == "cv":
-            total *= data.folds
+            total *= data.folds + 1  # outer folds, then the search on all rows
         with tqdm(total=total, unit="fit", disable=not progress, leave=False) as bar:
             if settings.protocol == "holdout":
                 return _finish_holdout(data, layers, settings, bar)
@@ -780,7 +911,7 @@ def compare(
 
 def _finish_holdout(data, layers, settings, bar) -> ComparisonResult:
     rows, candidates, split = _holdout(data, layers, settings, bar)
-    winner = max(candidates, key=lambda c: (c.cv_mean, -c.cv_std))
+    winner = max(candidates, key=lambda c: _selection_key(c.cv_scores))
     y_test = split.pop("y_test")
     labels = np.arange(len(data.store.class_names))
     return ComparisonResult(
@@ -798,22 +929,24 @@ def _finish_holdout(data, layers, settings, bar) -> ComparisonResult:
 
 
 def _finish_nested(data, layers, settings, bar) -> ComparisonResult:
-    rows, candidates, selections, (y_true, y_pred) = _nested(
+    rows, candidates, selections, (y_true, y_pred), final = _nested(
         data, layers, settings, bar
     )
-    best = max(candidates, key=lambda c: c.test["accuracy"])
-    # The final model: the best candidate, tuned and refit on every row.
-    X = as_features(data.store.read(best.layer))[data.rows]
-    search_rows = _subsample(
-        np.arange(len(X)), data.labels, settings.search_rows, settings.seed
+    # The final model: chosen by the rule each outer fold used, on all rows, refit.
+    (layer, name), found = max(
+        final.items(), key=lambda item: _selection_key(item[1].fold_scores)
     )
-    found = _search(
-        best.classifier, X[search_rows], data.labels[search_rows], data.folds, settings
-    )
-    best.params = found.params
-    best.pipeline, best.fit_seconds = _fit(
-        best.classifier, found.params, X, data.labels, settings
-    )
+    best = next(c for c in candidates if (c.layer, c.classifier) == (layer, name))
+    X = as_features(data.store.read(layer))[data.rows]
+    best.pipeline, best.fit_seconds = _fit(name, found.params, X, data.labels, settings)
+    final_selection = {
+        "layer": layer,
+        "classifier": name,
+        "params": found.params,
+        "inner_cv": float(np.mean(found.fold_scores)),
+        "inner_cv_std": float(np.std(found.fold_scores)),
+        "inner_folds": len(found.fold_scores),
+    }
     estimate = {"protocol": "nested_cv"}
     for metric in METRICS:
         values = [selection[metric] for selection in selections]
@@ -832,4 +965,5 @@ def _finish_nested(data, layers, settings, bar) -> ComparisonResult:
         adjustments=data.adjustments,
         split={"rows": len(data.rows), "outer_folds": data.folds},
         selections=selections,
+        final_selection=final_selection,
     )

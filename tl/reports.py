@@ -77,7 +77,8 @@ def leaderboard(result) -> pd.DataFrame:
 
     Holdout: ranked by CV accuracy on the training rows; test columns are scores on
     the held-out rows. Nested CV: ranked by the mean over outer folds (cv columns),
-    test columns are those means.
+    test columns are those means; the final model (chosen by the inner rule on all
+    rows, see `protocol_summary`) need not be first.
     """
     records = []
     for c in result.candidates:
@@ -135,7 +136,7 @@ def _seconds(value: float) -> str:
 
 def protocol_summary(result) -> str:
     """One paragraph: which protocol, and the winner's unbiased estimate."""
-    w, estimate = result.winner, result.winner_estimate
+    w, estimate, final = result.winner, result.winner_estimate, result.final_selection
     if estimate["protocol"] == "holdout":
         split = result.split
         held = (
@@ -161,7 +162,9 @@ def protocol_summary(result) -> str:
         f"{estimate['balanced_accuracy_std']:.3f}, macro-F1 "
         f"{estimate['macro_f1']:.3f} ± {estimate['macro_f1_std']:.3f} on the "
         f"held-out folds: the estimate for the whole procedure. Final model (*): "
-        f"{w.layer} + {w.classifier} {w.params}, refit on all rows."
+        f"{w.layer} + {w.classifier} {w.params}, chosen by the same rule on all rows "
+        f"({final['inner_folds']}-fold CV accuracy {final['inner_cv']:.3f}) and refit "
+        f"on all rows."
     )
 
 
@@ -319,6 +322,7 @@ def write_report(result, directory: str | Path, *, store, run: dict) -> dict[str
             "estimate": result.winner_estimate,
         },
         "selections": result.selections,
+        "final_selection": result.final_selection,
         "split": {k: v for k, v in result.split.items()},
         "adjustments": result.adjustments,
         "class_names": result.class_names,
