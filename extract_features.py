@@ -194,9 +194,6 @@ def _command(args: argparse.Namespace) -> int:
             labels=None if args.unlabeled else "inferred",
             seed=args.seed,
         )
-        hint = half_precision_hint(args.precision, args.backbone)
-        if hint:
-            print(f"hint: {hint}", file=sys.stderr)
         result = features.extract(
             args.source,
             output,
@@ -210,6 +207,9 @@ def _command(args: argparse.Namespace) -> int:
         f"{result.path}: {result.rows} rows, {len(result.skipped)} skipped"
         + (f", {result.images_per_second:.1f} images/s" if result.seconds else "")
     )
+    hint = result.seconds and half_precision_hint(args.precision, args.backbone)
+    if hint:  # after the work: a refusal of bad input stays one line
+        print(f"hint: {hint}", file=sys.stderr)
     return 0
 
 

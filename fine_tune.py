@@ -258,9 +258,6 @@ def _command(args: argparse.Namespace) -> int:
         "--output-dir",
         folder=True,
     )
-    hint = half_precision_hint(args.precision, args.backbone, training=True)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
     result = fine_tune(
         args.source,
         output,
@@ -282,6 +279,9 @@ def _command(args: argparse.Namespace) -> int:
         f"{metrics['macro_f1']:.4f} ({result.epochs_run} epochs{best}); model in "
         f"{result.directory / 'model.keras'}"
     )
+    hint = half_precision_hint(args.precision, args.backbone, training=True)
+    if hint:  # after the work: a refusal of bad input stays one line
+        print(f"hint: {hint}", file=sys.stderr)
     return 0
 
 
