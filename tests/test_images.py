@@ -35,7 +35,7 @@ def test_folder_index_is_sorted_recursive_and_ignores_hidden(tmp_path):
     assert index.class_names == ["a", "b", "c"]
     assert index.paths == ["a/x.jpeg", "a/sub/y.bmp", "b/10.JPG", "b/2.png", "c/z.GIF"]
     assert index.labels.tolist() == [0, 0, 1, 1, 2]
-    assert index.ignored == ["loose.png"]
+    assert index.ignored == [("loose.png", "not inside a class folder")]
     assert index.fingerprint() == index_folder(tmp_path).fingerprint()
 
 

@@ -112,7 +112,13 @@ def test_incomplete_newer_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(TLError, match="not a tl feature store"):
         FeatureStore(tmp_path / "other.h5")
     (tmp_path / "text.h5").write_text("hi")
-    with pytest.raises(TLError, match="Cannot open"):
+    with pytest.raises(TLError, match=r"not a tl feature store \(not an HDF5 file\)"):
         FeatureStore(tmp_path / "text.h5")
+    damaged = tmp_path / "damaged.h5"
+    data = bytearray(path.read_bytes())
+    data[8:64] = b"\xff" * 56  # the superblock after the signature
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(TLError, match=r"Cannot open .* damaged.*--overwrite"):
+        FeatureStore(damaged)
     with pytest.raises(TLError, match="does not exist"):
         FeatureStore(tmp_path / "none.h5")

@@ -113,7 +113,11 @@ def index_folder(folder: str | Path, labels: str | None = "inferred") -> ImageIn
             label_list += [number] * len(found)
         loose = [e for e in entries if is_image_file(e)]
         index = ImageIndex(
-            root, paths, np.asarray(label_list, np.int32), class_dirs, ignored=loose
+            root,
+            paths,
+            np.asarray(label_list, np.int32),
+            class_dirs,
+            ignored=[(name, "not inside a class folder") for name in loose],
         )
     if not index.paths:
         raise TLError(
