@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import SMALL
+import pytest
+from conftest import SMALL, assert_one_line_error
 
 import extract_features
 from tl.store import FeatureStore
@@ -62,3 +63,46 @@ def test_resume_flag_and_shards_and_merge(png_tree, tmp_path):
     assert (
         extract_features.main(["--resume", str(single), "-q"]) == 0
     )  # complete: no-op
+
+
+@pytest.fixture
+def no_precision_hint(monkeypatch):
+    """This CPU gets a bfloat16 hint line before any run; errors are what is tested."""
+    import tl.precision
+
+    monkeypatch.setattr(tl.precision, "half_precision_hint", lambda precision: None)
+
+
+@pytest.mark.usefixtures("no_precision_hint")
+def test_a_file_that_is_not_a_store_is_never_replaced(png_tree, tmp_path, capsys):
+    import h5py
+
+    text = tmp_path / "notes.h5"
+    text.write_text("my notes")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as handle:
+        handle["mine"] = [1, 2, 3]
+    for output, reason in ((text, "not an HDF5 file"), (foreign, "format tag")):
+        before = output.read_bytes()
+        for overwrite in ([], ["--overwrite"]):
+            code = extract_features.main(
+                [str(png_tree), *COMMON, "--output", str(output), *overwrite]
+            )
+            line = assert_one_line_error(
+                capsys, code, "is not a tl feature store", reason, "not be replaced"
+            )
+            assert "--overwrite" not in line
+            assert output.read_bytes() == before
+    # a damaged store (HDF5, but unreadable) is still replaced on request
+    damaged = tmp_path / "damaged.h5"
+    assert extract_features.main([str(png_tree), *COMMON, "-o", str(damaged)]) == 0
+    capsys.readouterr()
+    data = bytearray(damaged.read_bytes())
+    data[8:64] = b"\xff" * 56
+    damaged.write_bytes(bytes(data))
+    code = extract_features.main([str(png_tree), *COMMON, "-o", str(damaged)])
+    assert_one_line_error(capsys, code, "Cannot open", "damaged", "--overwrite")
+    args = [str(png_tree), *COMMON, "-o", str(damaged), "--overwrite"]
+    assert extract_features.main(args) == 0
+    with FeatureStore(damaged) as store:
+        assert len(store) == 15
