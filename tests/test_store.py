@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -257,3 +259,30 @@ def test_estimated_size_is_within_a_quarter_of_the_file(tmp_path, images):
     size = os.path.getsize(path)
     print(f"{images} images: estimated {estimate} bytes, file {size} bytes")
     assert 0.75 * size <= estimate <= 1.25 * size
+
+
+def test_store_held_open_for_writing_elsewhere_is_named_so(tmp_path):
+    """HDF5 refuses to open a file another process writes ("unable to lock file");
+    without a tl writer's lock file, that is all there is to say."""
+    path = tmp_path / "s.h5"
+    _create(path).close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, sys; f = h5py.File({str(path)!r}, 'r+'); "
+            f"print('open', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "open\n"
+        with pytest.raises(TLError) as refused:
+            FeatureStore(path, require_complete=False)
+        message = str(refused.value)
+        assert "is open for writing by another process" in message
+        assert "--overwrite" not in message
+    finally:
+        holder.communicate("")

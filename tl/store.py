@@ -683,7 +683,9 @@ class FeatureStore:
 
     Args:
         path: the `.h5` file.
-        require_complete: refuse a store whose extraction has not finished.
+        require_complete: refuse a store whose extraction has not finished (or is
+            running now). False opens it anyway, even while it is being written,
+            and shows the rows committed so far.
     """
 
     def __init__(self, path: str | Path, *, require_complete: bool = True):
