@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tl.errors import TLError
-from tl.store import FeatureStore, StoreWriter, estimated_bytes
+from tl.locking import acquire
+from tl.store import FeatureStore, StoreWriter, estimated_bytes, merge_stores
 
 LAYERS = [
     {"key": "a", "shape": [3], "dtype": "float32"},
@@ -286,3 +287,16 @@ def test_store_held_open_for_writing_elsewhere_is_named_so(tmp_path):
         assert "--overwrite" not in message
     finally:
         holder.communicate("")
+
+
+def test_merge_holds_the_writer_lock_and_keeps_foreign_files(tmp_path):
+    output = tmp_path / "merged.h5"
+    with (
+        acquire(output, "extraction"),
+        pytest.raises(TLError, match="being written by another extraction"),
+    ):
+        merge_stores([tmp_path / "shard0.h5"], output, overwrite=True)
+    output.write_text("my notes")
+    with pytest.raises(TLError, match=r"not a tl feature store .* not be replaced"):
+        merge_stores([tmp_path / "shard0.h5"], output, overwrite=True)
+    assert output.read_text() == "my notes"
