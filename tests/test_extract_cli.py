@@ -105,8 +105,7 @@ def test_csv_header_typo_is_refused_in_one_line(png_tree, tmp_path, capsys):
     listing = tmp_path / "list.csv"
     listing.write_text(f"pth,label\n{png_tree}/ant/img_000.png,ant\n")
     output = tmp_path / "out.h5"
-    # bfloat16: float32 may print a speed hint first, on machines where it pays
-    args = [str(listing), *COMMON, "--precision", "bfloat16", "--output", str(output)]
+    args = [str(listing), *COMMON, "--output", str(output)]
     code = extract_features.main(args)
     assert_one_line_error(
         capsys, code, str(listing), "'pth', 'label'", "a 'path' column"
@@ -129,3 +128,37 @@ def test_unlabeled_csv_extraction_and_missing_paths_skipped(png_tree, tmp_path):
         [(_, path, reason)] = store.skipped
     assert path == f"{png_tree}/bee/gone.png"
     assert reason.startswith("cannot read file: No such file")
+
+
+def test_a_file_that_is_not_a_store_is_never_replaced(png_tree, tmp_path, capsys):
+    import h5py
+
+    text = tmp_path / "notes.h5"
+    text.write_text("my notes")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as handle:
+        handle["mine"] = [1, 2, 3]
+    for output, reason in ((text, "not an HDF5 file"), (foreign, "format tag")):
+        before = output.read_bytes()
+        for overwrite in ([], ["--overwrite"]):
+            code = extract_features.main(
+                [str(png_tree), *COMMON, "--output", str(output), *overwrite]
+            )
+            line = assert_one_line_error(
+                capsys, code, "is not a tl feature store", reason, "not be replaced"
+            )
+            assert "--overwrite" not in line
+            assert output.read_bytes() == before
+    # a damaged store (HDF5, but unreadable) is still replaced on request
+    damaged = tmp_path / "damaged.h5"
+    assert extract_features.main([str(png_tree), *COMMON, "-o", str(damaged)]) == 0
+    capsys.readouterr()
+    data = bytearray(damaged.read_bytes())
+    data[8:64] = b"\xff" * 56
+    damaged.write_bytes(bytes(data))
+    code = extract_features.main([str(png_tree), *COMMON, "-o", str(damaged)])
+    assert_one_line_error(capsys, code, "Cannot open", "damaged", "--overwrite")
+    args = [str(png_tree), *COMMON, "-o", str(damaged), "--overwrite"]
+    assert extract_features.main(args) == 0
+    with FeatureStore(damaged) as store:
+        assert len(store) == 15

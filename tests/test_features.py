@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ from conftest import SMALL, load_pngs, settings, write_png_tree
 
 from tl.errors import TLError
 from tl.features import Pooling, extract, resume
+from tl.locking import lock_path
 from tl.store import FeatureStore, merge_stores
 
 
@@ -283,11 +285,16 @@ def test_sigkilled_process_resumes_with_no_duplicate_or_missing_rows(tmp_path):
                 progress=False, on_batch=kill)
         """
     )
-    process = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True
+    )
+    assert process.wait() == -signal.SIGKILL, process.stderr.read()[-2000:]
     with FeatureStore(output, require_complete=False) as partial:
         assert 0 < len(partial) < 16
+    # the dead writer's lock is left behind, and taken over by the next run
+    assert json.loads(lock_path(output).read_text())["pid"] == process.pid
     resume(output, progress=False, batch_size=5)
+    assert not lock_path(output).exists()
     _assert_same_store(reference, output)
 
 
@@ -317,6 +324,9 @@ def test_changed_settings_are_refused_unless_overwrite(png_tree, tmp_path):
 
 def test_shards_merge_into_the_single_run_store(png_tree, tmp_path):
     (png_tree / "bee" / "broken.jpg").write_text("nope")
+    (png_tree / "loose.png").write_bytes(
+        (png_tree / "ant" / "img_000.png").read_bytes()
+    )
     reference = tmp_path / "reference.h5"
     extract(png_tree, reference, settings(), batch_size=4, progress=False)
     shards = []
@@ -329,6 +339,32 @@ def test_shards_merge_into_the_single_run_store(png_tree, tmp_path):
         merge_stores(shards[:2], tmp_path / "partial.h5")
     merged = merge_stores(list(reversed(shards)), tmp_path / "merged.h5")
     _assert_same_store(reference, merged)
+    with FeatureStore(merged) as store:
+        assert store.ignored == [("loose.png", "not inside a class folder")]
+
+
+def test_interrupted_shard_keeps_its_committed_skipped_files(png_tree, tmp_path):
+    """Skipped positions count from the start of the index, a shard's progress from
+    the start of its slice: resuming the second shard kept none of its skipped files.
+    """
+    (png_tree / "cat" / "img_001.png").write_text("broken")  # position 10, shard 1
+    reference = tmp_path / "reference.h5"
+    extract(png_tree, reference, settings(), shard=(1, 2), batch_size=2, progress=False)
+    output = tmp_path / "shard.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract(
+            png_tree,
+            output,
+            settings(),
+            shard=(1, 2),
+            batch_size=2,
+            progress=False,
+            on_batch=_interrupt_after(2),
+        )
+    with FeatureStore(output, require_complete=False) as partial:
+        assert partial.skipped == [(10, "cat/img_001.png", partial.skipped[0][2])]
+    extract(png_tree, output, settings(), shard=(1, 2), batch_size=2, progress=False)
+    _assert_same_store(reference, output)
 
 
 def test_refuses_when_codes_do_not_fit_on_disk(png_tree, tmp_path, monkeypatch):

@@ -47,8 +47,18 @@ from tl.images import (
     decoded_batches,
     index_images,
 )
+from tl.locking import acquire
 from tl.precision import check_precision
-from tl.store import FeatureStore, StoreWriter, settings_differences
+from tl.store import (
+    FeatureStore,
+    StoreWriter,
+    estimated_bytes,
+    format_bytes,
+    refuse_foreign_file,
+    repair_cut_short,
+    replacement_path,
+    settings_differences,
+)
 
 log = logging.getLogger("tl")
 
@@ -383,78 +393,55 @@ def _provenance(extractor: Extractor, source: Path) -> dict:
     }
 
 
-def _format_bytes(count: float) -> str:
-    power = min(int(math.log10(max(count, 1)) // 3), 4)
-    if power == 0:
-        return f"{count:.0f} B"
-    return f"{count / 1000**power:.1f} {('KB', 'MB', 'GB', 'TB')[power - 1]}"
-
-
-def storage_plan(layer_info: list[dict], images: int) -> tuple[list[str], int]:
-    """Lines describing bytes per image and in total for each layer, and the total."""
-    lines, total = [], 0
+def storage_plan(layer_info: list[dict], images: int) -> list[str]:
+    """Lines describing the bytes per image and in total of each layer's codes."""
+    lines = []
     for info in layer_info:
         per_image = math.prod(info["shape"]) * np.dtype(info["dtype"]).itemsize
-        total += per_image * images
         raw = "x".join(map(str, info["raw_shape"]))
         lines.append(
             f"  {info['requested']:>14} = {info['layer']:<24} {raw:>14} "
             f"-> {info['pooling']:<9} {math.prod(info['shape']):>9} values "
-            f"{_format_bytes(per_image):>9}/image "
-            f"{_format_bytes(per_image * images):>9}"
+            f"{format_bytes(per_image):>9}/image "
+            f"{format_bytes(per_image * images):>9}"
         )
-    return lines, total
+    return lines
 
 
-def _check_disk(folder: Path, needed: int) -> None:
+def _check_disk(path: Path, needed: int) -> None:
+    folder = path.absolute().parent
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise TLError(
-            f"The codes need about {_format_bytes(needed)} but only "
-            f"{_format_bytes(free)} are free on {folder}. Pool more (avg, grid:2x2), "
+            f"The codes need about {format_bytes(needed)} but only "
+            f"{format_bytes(free)} are free on {folder}. Pool more (avg, grid:2x2), "
             f"store --dtype float16, use --compression lzf, or write elsewhere."
         )
 
 
 def _open_store(
-    output: Path,
+    target: Path,
     source: Path,
     extractor: Extractor,
     index: ImageIndex,
     num_images: int,
     shard: dict | None,
     compression: str | None,
-    overwrite: bool,
+    start_over: bool,
 ) -> StoreWriter | None:
-    """A writer positioned after the last complete batch; None if already complete."""
-    codes_settings = extractor.codes_settings()
-    if output.exists() and not overwrite:
-        with FeatureStore(output, require_complete=False) as existing:
-            differences = settings_differences(existing.settings, codes_settings)
-            if existing.shard != shard:
-                differences.append(
-                    f"shard: file has {existing.shard}, this run {shard}"
-                )
-            if existing.index_sha256 != index.fingerprint():
-                differences.append(
-                    f"input: the file indexed {existing.num_images} images, "
-                    f"{str(index.root)!r} now gives {num_images} (or other paths or "
-                    f"labels)"
-                )
-            complete = existing.complete
-        if differences:
-            raise TLError(
-                f"{str(output)!r} holds an extraction with other settings: "
-                f"{'; '.join(differences)}. Pass --overwrite (overwrite=True) to "
-                f"replace it, or choose another --output."
-            )
-        if complete:
-            return None
-        return StoreWriter.resume(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    """A writer of `target` positioned after its last complete batch; None if it is
+    already complete. A store there with other settings or input is refused, or
+    with `start_over` (the `<output>.new` of an overwrite) replaced, as is one that
+    cannot be resumed."""
+    if target.exists():
+        try:
+            return _resume_store(target, extractor, index, num_images, shard)
+        except TLError:
+            if not start_over:
+                raise
     return StoreWriter.create(
-        output,
-        settings=codes_settings,
+        target,
+        settings=extractor.codes_settings(),
         provenance=_provenance(extractor, source),
         layers=extractor.layer_info(),
         class_names=index.class_names,
@@ -462,7 +449,38 @@ def _open_store(
         index_sha256=index.fingerprint(),
         compression=compression,
         shard=shard,
+        ignored=index.ignored,
     )
+
+
+def _resume_store(
+    target: Path,
+    extractor: Extractor,
+    index: ImageIndex,
+    num_images: int,
+    shard: dict | None,
+) -> StoreWriter | None:
+    repair_cut_short(target)
+    with FeatureStore(target, require_complete=False) as existing:
+        differences = settings_differences(
+            existing.settings, extractor.codes_settings()
+        )
+        if existing.shard != shard:
+            differences.append(f"shard: file has {existing.shard}, this run {shard}")
+        if existing.index_sha256 != index.fingerprint():
+            differences.append(
+                f"input: the file indexed {existing.num_images} images, "
+                f"{str(index.root)!r} now gives {num_images} (or other paths or "
+                f"labels)"
+            )
+        complete = existing.complete
+    if differences:
+        raise TLError(
+            f"{str(target)!r} holds an extraction with other settings: "
+            f"{'; '.join(differences)}. Pass --overwrite (overwrite=True) to "
+            f"replace it, or choose another --output."
+        )
+    return None if complete else StoreWriter.resume(target)
 
 
 def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -496,13 +514,16 @@ def extract(
         output: the HDF5 feature store to write. If it exists with the same settings
             and input, the run resumes after its last complete batch (or returns at
             once when it is complete); other settings are refused unless `overwrite`.
+            The run holds `<output>.lock` throughout: a second writer is refused.
         settings: an `ExtractionSettings`; keyword arguments override its fields, so
             `extract(src, out, backbone="resnet50", layers=["conv4", "conv5"])` works.
         batch_size: images per forward pass (memory only; codes do not depend on it).
         compression: None, `lzf` or `gzip` for the code datasets.
         shard: `(index, count)` to process only a contiguous slice of the input, for
             parallel workers; join the shard files with `tl.store.merge_stores`.
-        overwrite: replace an existing store instead of resuming it.
+        overwrite: replace an existing store instead of resuming it. The new store
+            is written to `<output>.new` and renamed over `output` once complete, so
+            the old one survives an interruption; the same call resumes `.new`.
         progress: show a progress bar (images/s, ETA).
         on_batch: called as `on_batch(images_done, images_total)` after each batch
             is safely written.
@@ -522,51 +543,95 @@ def extract(
     start, stop = shard_range(len(index), shard)
     shard_info = {"index": shard[0], "count": shard[1]} if shard else None
 
-    writer = _open_store(
-        output,
-        Path(source).expanduser().resolve(),
-        extractor,
-        index,
-        stop - start,
-        shard_info,
-        compression,
-        overwrite,
-    )
-    if writer is None:
-        log.info("%s is already complete; nothing to do.", output)
-        with FeatureStore(output) as store:
-            return ExtractionResult(output, len(store), store.skipped, 0, 0.0)
-    with writer:
-        done = writer.images_done
-        remaining = stop - start - done
-        lines, needed = storage_plan(extractor.layer_info(), remaining)
-        log.info(
-            "%s: %d images (%s), %s%s",
-            index.root,
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with acquire(output, "extraction"):
+        refuse_foreign_file(output)
+        target = replacement_path(output) if overwrite else output
+        if overwrite:
+            log.info("writing %s; it replaces %s once complete", target, output)
+        writer = _open_store(
+            target,
+            Path(source).expanduser().resolve(),
+            extractor,
+            index,
             stop - start,
-            f"{len(index.class_names)} classes" if index.class_names else "unlabeled",
-            f"resuming after {done}, " if done else "",
-            f"{remaining} to go",
+            shard_info,
+            compression,
+            overwrite,
         )
-        for path, reason in index.ignored:
-            log.warning("ignored %s: %s", path, reason)
-        log.info("codes per layer (%s):\n%s", settings.dtype, "\n".join(lines))
-        if extractor.weights.source == "none":
-            log.warning(
-                "--weights none: random weights. These codes, and any accuracy "
-                "measured on them, say nothing about the pretrained %s.",
-                extractor.spec.name,
+        processed, seconds = 0, 0.0
+        if writer is None:
+            log.info("%s is already complete; nothing to do.", target)
+        else:
+            with writer:
+                processed, seconds = _extract_rest(
+                    extractor,
+                    index,
+                    writer,
+                    start,
+                    stop,
+                    batch_size,
+                    progress,
+                    on_batch,
+                )
+                writer.finish()
+        if overwrite:
+            target.replace(output)
+        with FeatureStore(output) as store:
+            result = ExtractionResult(
+                output, len(store), store.skipped, processed, seconds
             )
-        _check_disk(output.resolve().parent, needed)
-        began = time.perf_counter()
-        _run(extractor, index, writer, start, stop, batch_size, progress, on_batch)
-        seconds = time.perf_counter() - began
-        writer.finish()
-    with FeatureStore(output) as store:
-        result = ExtractionResult(output, len(store), store.skipped, remaining, seconds)
     for _, path, reason in result.skipped:
         log.warning("skipped %s: %s", path, reason)
     return result
+
+
+def _extract_rest(
+    extractor: Extractor,
+    index: ImageIndex,
+    writer: StoreWriter,
+    start: int,
+    stop: int,
+    batch_size: int,
+    progress: bool,
+    on_batch: Callable[[int, int], None] | None,
+) -> tuple[int, float]:
+    """Say what is to be done, check that it fits, and run: (images, seconds)."""
+    done = writer.images_done
+    remaining = stop - start - done
+    log.info(
+        "%s: %d images (%s), %s%s",
+        index.root,
+        stop - start,
+        f"{len(index.class_names)} classes" if index.class_names else "unlabeled",
+        f"resuming after {done}, " if done else "",
+        f"{remaining} to go",
+    )
+    for path, reason in index.ignored:
+        log.warning("ignored %s: %s", path, reason)
+    layers = extractor.layer_info()
+    needed = estimated_bytes(
+        layers,
+        stop - start,
+        writer.rows + remaining,
+        sum(len(path.encode()) for path in index.paths[start + done : stop]),
+    ) - estimated_bytes(layers, stop - start, writer.rows, 0)
+    log.info(
+        "codes per layer (%s), about %s to write:\n%s",
+        extractor.settings.dtype,
+        format_bytes(needed),
+        "\n".join(storage_plan(layers, remaining)),
+    )
+    if extractor.weights.source == "none":
+        log.warning(
+            "--weights none: random weights. These codes, and any accuracy measured "
+            "on them, say nothing about the pretrained %s.",
+            extractor.spec.name,
+        )
+    _check_disk(writer.path, needed)
+    began = time.perf_counter()
+    _run(extractor, index, writer, start, stop, batch_size, progress, on_batch)
+    return remaining, time.perf_counter() - began
 
 
 @dataclasses.dataclass
