@@ -158,8 +158,10 @@ def _command(args: argparse.Namespace) -> int:
         print(backbones.describe_backbones())
         return 0
     if args.list_layers:
-        size = features.ExtractionSettings(image_size=args.image_size).image_size
-        print(backbones.describe_layers(args.list_layers, size))
+        settings = features.ExtractionSettings.create(
+            backbone=args.list_layers, image_size=args.image_size
+        ).resolved()
+        print(backbones.describe_layers(args.list_layers, settings.image.size))
         return 0
     options = {"batch_size": args.batch_size, "progress": not args.quiet}
     if args.merge:
@@ -179,7 +181,7 @@ def _command(args: argparse.Namespace) -> int:
             or default_output("features", args.source, args.backbone, ".h5"),
             "--output",
         )
-        settings = features.ExtractionSettings(
+        settings = features.ExtractionSettings.create(
             backbone=args.backbone,
             layers=args.layers,
             pooling=args.pooling,

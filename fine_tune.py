@@ -12,7 +12,6 @@ of the backbone. Re-running the same command resumes an interrupted run. See --h
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from tl.cli import ArgumentParser, ListOption, check_output, default_output, run_cli
@@ -29,7 +28,7 @@ def build_parser() -> ArgumentParser:
     )
     from tl.images import INTERPOLATIONS, RESIZE_MODES
 
-    default = {f.name: f.default for f in dataclasses.fields(FineTuneSettings)}
+    default = FineTuneSettings().to_json()
     parser = ArgumentParser(
         description="Fine-tune a keras.applications backbone with a new head: stage 1 "
         "trains the head on the frozen backbone, stage 2 also the unfrozen top of the "
@@ -215,14 +214,14 @@ def _command(args: argparse.Namespace) -> int:
         print(backbones.describe_backbones())
         return 0
     if args.list_layers:
-        settings = FineTuneSettings(
+        settings = FineTuneSettings.create(
             backbone=args.list_layers, image_size=args.image_size
-        )
-        print(backbones.describe_layers(settings.backbone, settings.image_size))
+        ).resolved()
+        print(backbones.describe_layers(settings.backbone.name, settings.image.size))
         return 0
     if not args.source:
         raise TLError("Give an image folder (one sub-folder per class) or a CSV.")
-    settings = FineTuneSettings(
+    settings = FineTuneSettings.create(
         backbone=args.backbone,
         weights=args.weights,
         image_size=args.image_size,
@@ -254,7 +253,7 @@ def _command(args: argparse.Namespace) -> int:
         patience=args.patience,
     )
     output = check_output(
-        args.output_dir or default_output("runs", args.source, settings.backbone),
+        args.output_dir or default_output("runs", args.source, settings.backbone.name),
         "--output-dir",
         folder=True,
     )

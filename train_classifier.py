@@ -111,6 +111,7 @@ def build_parser() -> ArgumentParser:
 def _command(args: argparse.Namespace) -> int:
     from tl import classifiers, evaluation, reports
     from tl.errors import TLError
+    from tl.provenance import library_versions
     from tl.store import FeatureStore
 
     if not args.store:
@@ -143,7 +144,7 @@ def _command(args: argparse.Namespace) -> int:
             store, settings, test_store=args.test_store, progress=not args.quiet
         )
         print(reports.format_leaderboard(result))
-        run = {"arguments": vars(args), "versions": classifiers.library_versions()}
+        run = {"arguments": vars(args), "versions": library_versions()}
         written = reports.write_report(result, output, store=store, run=run)
         chosen = [result.winner]
         if args.save == "all":

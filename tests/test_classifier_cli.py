@@ -181,7 +181,7 @@ def test_predict_refuses_when_the_weights_file_changed(trained, tmp_path, capsys
     finally:
         weights.write_bytes(original)
     assert code == 2
-    assert "weights differ" in capsys.readouterr().err
+    assert "weights_sha256: at training" in capsys.readouterr().err
 
 
 def test_incomplete_store_is_refused_with_how_to_finish(tmp_path, png_tree, capsys):

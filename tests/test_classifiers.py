@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import skops.io
-from conftest import STORE_SETTINGS, write_store
+from conftest import store_settings, write_store
 from sklearn.decomposition import IncrementalPCA
 from sklearn.preprocessing import MinMaxScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -118,9 +118,7 @@ def test_mismatched_codes_and_versions_are_refused(tmp_path):
     with FeatureStore(store_path) as store:
         pipeline = make_pipeline("logreg").fit(store.read("block5_pool"), store.labels)
         save(tmp_path / "model", pipeline, store)
-    other = make_store(
-        tmp_path / "other.h5", settings={**STORE_SETTINGS, "image_size": [64, 64]}
-    )
+    other = make_store(tmp_path / "other.h5", settings=store_settings(image_size=64))
     model = load_classifier(tmp_path / "model")
     with (
         FeatureStore(other) as store,

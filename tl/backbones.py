@@ -19,12 +19,14 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import keras
 import numpy as np
 
+from tl._settings import FlatSettings
 from tl.errors import TLError, known_names
-from tl.precision import compute_policy
+from tl.precision import check_precision, compute_policy
 
 PREPROCESSING_MODES = {
     "caffe": "RGB→BGR, minus the ImageNet mean pixel, no scaling",
@@ -176,7 +178,40 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 # ---------------------------------------------------------------------------------
-# Weights
+# Settings and weights
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSettings(FlatSettings):
+    """Which network computes, and how: part of every extraction and fine-tuning.
+
+    Stored flat beside the other settings (`backbone`, `weights`, `precision`,
+    `seed`); a field added here is stored, read back, offered as an override and
+    part of the codes' identity (`tl.provenance`) without being listed elsewhere.
+
+    Attributes:
+        name: registry name (`tl.list_backbones()`), normalised (`ResNet-50` →
+            `resnet50`).
+        weights: `imagenet`, `none` (random) or a weights file, made absolute.
+        precision: compute precision (`float32`, `bfloat16`, `float16`).
+        seed: random initialisation seed (`weights=none`).
+    """
+
+    name: str
+    weights: str = "imagenet"
+    precision: str = "float32"
+    seed: int = 0
+
+    JSON_NAMES: ClassVar[dict[str, str]] = {"name": "backbone"}
+
+    def __post_init__(self):
+        object.__setattr__(self, "name", get_backbone(self.name).name)
+        object.__setattr__(self, "weights", normalize_weights(self.weights))
+        check_precision(self.precision)
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return get_backbone(self.name)
 
 
 @dataclasses.dataclass(frozen=True)

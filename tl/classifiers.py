@@ -42,7 +42,6 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-import tl
 from tl.errors import TLError
 from tl.model_folder import (
     METADATA,
@@ -54,6 +53,7 @@ from tl.model_folder import (
     require_keys,
     unreadable,
 )
+from tl.provenance import identity_differences, layer_identity, library_versions
 
 MODEL_FORMAT = "tl-classifier"
 MODEL_SCHEMA_VERSION = 2  # 1: a pickle (model.joblib), no longer loaded
@@ -269,46 +269,6 @@ def param_grid(classifier: str) -> dict[str, list]:
 # Saved models
 
 
-def library_versions() -> dict[str, str]:
-    import h5py
-    import keras
-    import tensorflow as tf
-
-    return {
-        "tl": tl.__version__,
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "skops": skops.__version__,
-        "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-        "h5py": h5py.__version__,
-    }
-
-
-# Settings that change the codes of one layer (besides its own layer and pooling).
-_CODE_SETTINGS = (
-    "backbone",
-    "weights",
-    "weights_sha256",
-    "seed",
-    "image_size",
-    "resize",
-    "interpolation",
-    "antialias",
-    "precision",
-)
-
-
-def codes_identity(settings: dict, layer_info: dict) -> dict:
-    """What determines the codes of one layer of a store: compare these to match."""
-    identity = {key: settings.get(key) for key in _CODE_SETTINGS}
-    if settings.get("weights") != "none":
-        identity.pop("seed")  # the seed only matters for random weights
-    identity["layer"] = layer_info["layer"]
-    identity["pooling"] = layer_info["pooling"]
-    return identity
-
-
 @dataclasses.dataclass
 class SavedClassifier:
     """A fitted pipeline with the provenance of the codes it was trained on."""
@@ -330,7 +290,8 @@ class SavedClassifier:
 
     @property
     def identity(self) -> dict:
-        return codes_identity(self.metadata["extraction"], self.layer_info)
+        """What the codes it classifies must match (`tl.provenance.layer_identity`)."""
+        return layer_identity(self.metadata["extraction"], self.layer_info)
 
     def check_codes(self, store) -> None:
         """Refuse a `FeatureStore` whose codes for this layer were made differently."""
@@ -340,12 +301,11 @@ class SavedClassifier:
                 f"{str(store.path)!r} has no layer {self.layer!r} (it has "
                 f"{', '.join(infos)}); the model was trained on that layer."
             )
-        theirs = codes_identity(store.settings, infos[self.layer])
-        differences = [
-            f"{key}: model has {value!r}, store has {theirs.get(key)!r}"
-            for key, value in self.identity.items()
-            if theirs.get(key) != value
-        ]
+        differences = identity_differences(
+            self.identity,
+            layer_identity(store.settings, infos[self.layer]),
+            names=("model has", "store has"),
+        )
         if differences:
             raise TLError(
                 f"The codes in {str(store.path)!r} were made differently from those "

@@ -40,12 +40,12 @@ from tl.classifiers import (
     CLASSIFIERS,
     NORMALIZATIONS,
     as_features,
-    codes_identity,
     get_classifier,
     make_pipeline,
     param_grid,
 )
 from tl.errors import TLError
+from tl.provenance import identity_differences, layer_identity
 from tl.reports import METRICS, classification_metrics, metric_rows
 from tl.store import FeatureStore
 
@@ -363,13 +363,14 @@ def _check_same_codes(store: FeatureStore, test_store: FeatureStore, layers) -> 
     for layer in layers:
         if layer not in theirs:
             raise TLError(f"The test store has no layer {layer!r}.")
-        a = codes_identity(store.settings, ours[layer])
-        b = codes_identity(test_store.settings, theirs[layer])
-        if a != b:
-            diff = [f"{k}: {a[k]!r} vs {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+        differences = identity_differences(
+            layer_identity(store.settings, ours[layer]),
+            layer_identity(test_store.settings, theirs[layer]),
+        )
+        if differences:
             raise TLError(
                 f"Layer {layer!r} was extracted differently in the test store: "
-                f"{'; '.join(diff)}."
+                f"{'; '.join(differences)}."
             )
 
 

@@ -12,43 +12,42 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import platform
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
-import h5py
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
-import tl
+from tl._settings import FlatSettings
 from tl.backbones import (
-    PREPROCESSING_MODES,
+    BackboneSettings,
     BackboneSpec,
     Tap,
     WeightsInfo,
     build_backbone,
-    get_backbone,
     layer_taps,
-    normalize_weights,
     resolve_layers,
 )
 from tl.errors import TLError
 from tl.images import (
-    DEFAULT_MAX_PIXELS,
     ImageIndex,
     ImageSettings,
     decoded_batches,
     index_images,
 )
 from tl.locking import acquire
-from tl.precision import check_precision
+from tl.provenance import (
+    Identity,
+    codes_identity,
+    identity_differences,
+    provenance_record,
+)
 from tl.store import (
     FeatureStore,
     StoreWriter,
@@ -57,7 +56,6 @@ from tl.store import (
     refuse_foreign_file,
     repair_cut_short,
     replacement_path,
-    settings_differences,
 )
 
 log = logging.getLogger("tl")
@@ -212,50 +210,36 @@ def compiled_extractor(extractor: keras.Model) -> Callable:
 # Settings
 
 
-def _size_pair(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    if isinstance(image_size, str):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", image_size)
-        if not match:
-            raise TLError(f"Image size must be N or HxW, got {image_size!r}.")
-        return (int(match[1]), int(match[2] or match[1]))
-    return tuple(int(side) for side in image_size)
+DEFAULT_BACKBONE = "vgg16"  # the classic CNN codes: five pooled blocks, one per alias
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractionSettings:
-    """Everything that determines the codes; stored in the feature store and compared
-    when a run resumes.
+class ExtractionSettings(FlatSettings):
+    """Everything that determines the codes; stored flat in the feature store and
+    compared when a run resumes.
+
+    Build it with parts (`ExtractionSettings(BackboneSettings("resnet50"),
+    ImageSettings(64), layers=("conv4",))`) or with flat keywords
+    (`ExtractionSettings.create(backbone="resnet50", image_size=64,
+    layers=["conv4"])`).
 
     Attributes:
-        backbone: registry name (`tl.list_backbones()`).
+        backbone: the network, its weights, precision and seed (`BackboneSettings`).
+        image: how files become inputs (`ImageSettings`; size None: the backbone's).
         layers: aliases or Keras layer names (`--list-layers BACKBONE`).
         pooling: one pooling for all layers or one per layer (see `Pooling`).
-        image_size: (height, width); None takes the backbone's default.
-        resize, interpolation, antialias, max_pixels: see `tl.images.ImageSettings`.
-        weights: `imagenet`, `none` or a weights file path.
-        precision: compute precision (`float32`, `bfloat16`, `float16`).
         dtype: stored dtype (`float32` or `float16`).
         labels: `inferred` (class sub-folders) or None (unlabeled).
-        seed: random initialisation seed (`weights=none`).
     """
 
-    backbone: str = "vgg16"
+    backbone: BackboneSettings = dataclasses.field(
+        default_factory=lambda: BackboneSettings(DEFAULT_BACKBONE)
+    )
+    image: ImageSettings = dataclasses.field(default_factory=ImageSettings)
     layers: tuple[str, ...] = ("last",)
     pooling: tuple[str, ...] = ("avg",)
-    image_size: tuple[int, int] | None = None
-    resize: str = "squash"
-    interpolation: str = "bilinear"
-    antialias: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    weights: str = "imagenet"
-    precision: str = "float32"
     dtype: str = "float32"
     labels: str | None = "inferred"
-    seed: int = 0
 
     def __post_init__(self):
         def set_(name, value):
@@ -269,26 +253,15 @@ class ExtractionSettings:
             "pooling",
             tuple(str(p) for p in parse_poolings(self.pooling, len(self.layers))),
         )
-        set_("image_size", _size_pair(self.image_size))
-        set_("weights", normalize_weights(self.weights))
-        check_precision(self.precision)
         if self.dtype not in OUTPUT_DTYPES:
             raise TLError(
                 f"Unknown dtype {self.dtype!r}; choose one of "
                 f"{', '.join(OUTPUT_DTYPES)}."
             )
 
-    def to_json(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["layers"] = list(self.layers)
-        values["pooling"] = list(self.pooling)
-        values["image_size"] = list(self.image_size) if self.image_size else None
-        return values
-
-    @classmethod
-    def from_json(cls, values: dict) -> ExtractionSettings:
-        fields = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in fields})
+    def resolved(self) -> ExtractionSettings:
+        """These settings with the image size filled in from the backbone."""
+        return dataclasses.replace(self, image=self.image.resolved(self.backbone.spec))
 
 
 @dataclasses.dataclass
@@ -296,8 +269,7 @@ class Extractor:
     """A built backbone with its taps: what `extract` runs and `predict` reuses."""
 
     spec: BackboneSpec
-    settings: ExtractionSettings
-    image_settings: ImageSettings
+    settings: ExtractionSettings  # resolved: the image size is set
     taps: list[Tap]
     poolings: list[Pooling]
     model: keras.Model
@@ -323,8 +295,22 @@ class Extractor:
         ]
 
     def codes_settings(self) -> dict:
-        """Settings plus the resolved weights hash: what a resumed run must match."""
+        """Settings plus the resolved weights hash, as the store records them: what a
+        resumed run must match."""
         return {**self.settings.to_json(), "weights_sha256": self.weights.sha256}
+
+    def identity(
+        self, index: ImageIndex | None = None, *, hash_content: bool = False
+    ) -> Identity:
+        """The identity of the codes this extractor computes, for the images of
+        `index` when given (see `tl.provenance.codes_identity`)."""
+        return codes_identity(
+            self.settings,
+            index,
+            weights_sha256=self.weights.sha256,
+            layers=[tap.layer for tap in self.taps],
+            hash_content=hash_content,
+        )
 
 
 def load_extractor(settings: ExtractionSettings) -> Extractor:
@@ -333,27 +319,19 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
     Everything that can be wrong with the settings fails here, before any image is
     read: unknown backbone or layer, missing weights, bad sizes.
     """
-    spec = get_backbone(settings.backbone)
-    if settings.image_size is None:
-        settings = dataclasses.replace(settings, image_size=(spec.default_size,) * 2)
-    image_settings = ImageSettings(  # checks resize and interpolation up front
-        settings.image_size,
-        settings.resize,
-        settings.interpolation,
-        settings.antialias,
-        settings.max_pixels,
-    )
+    settings = settings.resolved()
+    spec, network = settings.backbone.spec, settings.backbone
     backbone, weights = build_backbone(
         spec,
-        settings.image_size,
-        settings.weights,
-        precision=settings.precision,
-        seed=settings.seed,
+        settings.image.size,
+        network.weights,
+        precision=network.precision,
+        seed=network.seed,
     )
     taps = resolve_layers(layer_taps(backbone, spec), list(settings.layers), spec.name)
     poolings = parse_poolings(settings.pooling, len(taps))
     model = build_extractor(backbone, spec, taps, poolings, settings.dtype)
-    return Extractor(spec, settings, image_settings, taps, poolings, model, weights)
+    return Extractor(spec, settings, taps, poolings, model, weights)
 
 
 # ---------------------------------------------------------------------------------
@@ -373,24 +351,6 @@ class ExtractionResult:
     @property
     def images_per_second(self) -> float:
         return self.images_processed / self.seconds if self.seconds else float("nan")
-
-
-def _provenance(extractor: Extractor, source: Path) -> dict:
-    return {
-        "tl_version": tl.__version__,
-        "keras_version": keras.__version__,
-        "tensorflow_version": tf.__version__,
-        "h5py_version": h5py.__version__,
-        "numpy_version": np.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "source": str(source),
-        "backbone_constructor": f"keras.applications.{extractor.spec.constructor}",
-        "preprocessing": extractor.spec.preprocessing,
-        "preprocessing_description": PREPROCESSING_MODES[extractor.spec.preprocessing],
-        "weights": dataclasses.asdict(extractor.weights),
-        "image_size": list(extractor.settings.image_size),
-    }
 
 
 def storage_plan(layer_info: list[dict], images: int) -> list[str]:
@@ -442,7 +402,7 @@ def _open_store(
     return StoreWriter.create(
         target,
         settings=extractor.codes_settings(),
-        provenance=_provenance(extractor, source),
+        provenance=provenance_record(extractor, source, index),
         layers=extractor.layer_info(),
         class_names=index.class_names,
         num_images=num_images,
@@ -462,8 +422,10 @@ def _resume_store(
 ) -> StoreWriter | None:
     repair_cut_short(target)
     with FeatureStore(target, require_complete=False) as existing:
-        differences = settings_differences(
-            existing.settings, extractor.codes_settings()
+        differences = identity_differences(
+            ExtractionSettings.with_defaults(existing.settings),
+            extractor.codes_settings(),
+            names=("file has", "this run asks"),
         )
         if existing.shard != shard:
             differences.append(f"shard: file has {existing.shard}, this run {shard}")
@@ -515,8 +477,9 @@ def extract(
             and input, the run resumes after its last complete batch (or returns at
             once when it is complete); other settings are refused unless `overwrite`.
             The run holds `<output>.lock` throughout: a second writer is refused.
-        settings: an `ExtractionSettings`; keyword arguments override its fields, so
-            `extract(src, out, backbone="resnet50", layers=["conv4", "conv5"])` works.
+        settings: an `ExtractionSettings`; keyword arguments override it by its flat
+            keys (`ExtractionSettings.updated`), so `extract(src, out,
+            backbone="resnet50", layers=["conv4", "conv5"], image_size=64)` works.
         batch_size: images per forward pass (memory only; codes do not depend on it).
         compression: None, `lzf` or `gzip` for the code datasets.
         shard: `(index, count)` to process only a contiguous slice of the input, for
@@ -531,9 +494,7 @@ def extract(
     Returns:
         An `ExtractionResult` (path, rows written, skipped files, timing).
     """
-    settings = dataclasses.replace(
-        settings or ExtractionSettings(), **setting_overrides
-    )
+    settings = (settings or ExtractionSettings()).updated(**setting_overrides)
     if batch_size < 1:
         raise TLError(f"batch_size must be at least 1, got {batch_size}.")
     output = Path(output)
@@ -651,7 +612,7 @@ def iter_codes(
     """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
     (see `tl.images.decoded_batches`)."""
     run = compiled_extractor(extractor.model)
-    for batch in decoded_batches(paths, extractor.image_settings, batch_size, first):
+    for batch in decoded_batches(paths, extractor.settings.image, batch_size, first):
         codes = {}
         if batch.images is not None:
             codes = {key: value.numpy() for key, value in run(batch.images).items()}

@@ -20,12 +20,17 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
+from tl._settings import FlatSettings
 from tl.errors import TLError
+
+if TYPE_CHECKING:
+    from tl.backbones import BackboneSpec
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -338,12 +343,30 @@ def index_images(source: str | Path, labels: str | None = "inferred") -> ImageIn
 # Decoding
 
 
+def _size_pair(size) -> tuple[int, int] | None:
+    """`N`, `HxW`, `H,W`, an int or a pair as (height, width); None stays None."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", size)
+        if not match:
+            raise TLError(f"Image size must be N or HxW, got {size!r}.")
+        return (int(match[1]), int(match[2] or match[1]))
+    return tuple(int(side) for side in size)
+
+
 @dataclasses.dataclass(frozen=True)
-class ImageSettings:
+class ImageSettings(FlatSettings):
     """How a file becomes a model input; recorded in feature stores.
 
+    Stored flat as `image_size`, `resize`, `interpolation`, `antialias`,
+    `max_pixels`.
+
     Attributes:
-        size: output (height, width).
+        size: output (height, width), also given as N or "HxW"; None takes the
+            backbone's default size (see `resolved`).
         resize: `squash` (ignore aspect ratio), `center-crop` (largest centred window
             of the target aspect ratio) or `pad` (fit inside, pad with black).
         interpolation: a `tf.image.resize` method.
@@ -352,11 +375,13 @@ class ImageSettings:
         max_pixels: images with more pixels are refused before decoding.
     """
 
-    size: tuple[int, int]
+    size: tuple[int, int] | None = None
     resize: str = "squash"
     interpolation: str = "bilinear"
     antialias: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+    JSON_NAMES: ClassVar[dict[str, str]] = {"size": "image_size"}
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
@@ -369,9 +394,17 @@ class ImageSettings:
                 f"Unknown interpolation {self.interpolation!r}; choose one of "
                 f"{', '.join(INTERPOLATIONS)}."
             )
-        if len(self.size) != 2 or min(self.size) < 1:
+        size = _size_pair(self.size)
+        if size is not None and (len(size) != 2 or min(size) < 1):
             raise TLError(f"Image size must be two positive sides, got {self.size!r}.")
-        object.__setattr__(self, "size", tuple(int(side) for side in self.size))
+        object.__setattr__(self, "size", size)
+
+    def resolved(self, spec: BackboneSpec) -> ImageSettings:
+        """These settings with the size filled in: `spec`'s default when unset. The
+        one place where a backbone's default input size is applied."""
+        if self.size is not None:
+            return self
+        return dataclasses.replace(self, size=(spec.default_size, spec.default_size))
 
 
 # The file's first bytes tell its format and size; past the end of a short file they

@@ -58,6 +58,7 @@ except ImportError:  # not on Windows
 
 from tl import locking
 from tl.errors import TLError
+from tl.provenance import identity_differences
 
 FORMAT = "tl-features"
 SCHEMA_VERSION = 2
@@ -227,16 +228,6 @@ def _silent_unraisable():
         yield
     finally:
         sys.unraisablehook = hook
-
-
-def settings_differences(stored: dict, requested: dict) -> list[str]:
-    """Human-readable differences between two settings dicts."""
-    keys = sorted(set(stored) | set(requested))
-    return [
-        f"{key}: file has {stored.get(key)!r}, this run asks {requested.get(key)!r}"
-        for key in keys
-        if stored.get(key) != requested.get(key)
-    ]
 
 
 class StoreWriter:
@@ -938,7 +929,7 @@ def _check_shards(stores: list[FeatureStore]) -> None:
     for store in stores:
         if store.shard is None:
             raise TLError(f"{str(store.path)!r} is not a shard (no shard index).")
-        differences = settings_differences(first.settings, store.settings)
+        differences = identity_differences(first.settings, store.settings)
         if differences or store.index_sha256 != first.index_sha256:
             raise TLError(
                 f"{str(store.path)!r} is not a shard of the same extraction as "
