@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tl._checks import ParameterError
 from tl.cli import ArgumentParser, ListOption, check_output, default_output, run_cli
 from tl.errors import TLError
 
@@ -146,7 +147,7 @@ def _shard(text: str | None) -> tuple[int, int] | None:
         return None
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit()):
-        raise TLError(f"--shard must look like I/N (e.g. 0/4), got {text!r}.")
+        raise ParameterError("shard", "I/N (e.g. 0/4)", text)
     return int(index), int(count)
 
 

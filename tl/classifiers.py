@@ -42,6 +42,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from tl._checks import check_choice
 from tl.errors import TLError
 from tl.model_folder import (
     METADATA,
@@ -59,6 +60,7 @@ MODEL_FORMAT = "tl-classifier"
 MODEL_SCHEMA_VERSION = 2  # 1: a pickle (model.joblib), no longer loaded
 MODEL_FILE = "model.skops"
 NORMALIZATIONS = ("standard", "l2", "none")
+CLASS_WEIGHTS = (None, "balanced")
 
 
 class RelativeGammaSVC(ClassifierMixin, BaseEstimator):
@@ -212,12 +214,9 @@ def as_features(codes: np.ndarray) -> np.ndarray:
     return np.asarray(codes, np.float64).reshape(len(codes), -1)
 
 
-def get_classifier(name: str) -> ClassifierSpec:
-    if name not in CLASSIFIERS:
-        raise TLError(
-            f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}."
-        )
-    return CLASSIFIERS[name]
+def get_classifier(name: str, parameter: str = "classifier") -> ClassifierSpec:
+    """The registered classifier `name` (`parameter` names it in the error)."""
+    return CLASSIFIERS[check_choice(parameter, name, CLASSIFIERS)]
 
 
 def make_pipeline(
@@ -239,13 +238,8 @@ def make_pipeline(
         seed: random state of the estimators that have one.
     """
     spec = get_classifier(classifier)
-    if normalization not in NORMALIZATIONS:
-        raise TLError(
-            f"Unknown normalization {normalization!r}; choose from "
-            f"{', '.join(NORMALIZATIONS)}."
-        )
-    if class_weight not in (None, "balanced"):
-        raise TLError(f"class_weight must be None or 'balanced', got {class_weight!r}.")
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("class_weight", class_weight, CLASS_WEIGHTS)
     normalizer = {
         "standard": StandardScaler(),
         "l2": Normalizer(),

@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
+from tl._checks import ParameterError, check_choice, check_interval
 from tl._settings import FlatSettings
 from tl.backbones import (
     BackboneSettings,
@@ -91,9 +92,11 @@ class Pooling:
         match = re.fullmatch(r"grid:(\d+)(?:x(\d+))?", text)
         if match and int(match[1]) > 0 and int(match[2] or match[1]) > 0:
             return cls("grid", (int(match[1]), int(match[2] or match[1])))
-        raise TLError(
-            f"Unknown pooling {text!r}; choose one of avg, max, avgmax, flatten, none "
-            f"or grid:GHxGW (e.g. grid:2x2)."
+        raise ParameterError(
+            "pooling",
+            "one of 'avg', 'max', 'avgmax', 'flatten', 'none' or 'grid:GHxGW' (e.g. "
+            "'grid:2x2')",
+            text,
         )
 
     def __str__(self) -> str:
@@ -253,11 +256,8 @@ class ExtractionSettings(FlatSettings):
             "pooling",
             tuple(str(p) for p in parse_poolings(self.pooling, len(self.layers))),
         )
-        if self.dtype not in OUTPUT_DTYPES:
-            raise TLError(
-                f"Unknown dtype {self.dtype!r}; choose one of "
-                f"{', '.join(OUTPUT_DTYPES)}."
-            )
+        check_choice("dtype", self.dtype, OUTPUT_DTYPES)
+        check_choice("labels", self.labels, ("inferred", None))
 
     def resolved(self) -> ExtractionSettings:
         """These settings with the image size filled in from the backbone."""
@@ -451,7 +451,7 @@ def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
         return 0, total
     index, count = shard
     if not 0 <= index < count:
-        raise TLError(f"Shard must be I/N with 0 <= I < N, got {index}/{count}.")
+        raise ParameterError("shard", "I/N with 0 <= I < N", f"{index}/{count}")
     return index * total // count, (index + 1) * total // count
 
 
@@ -495,8 +495,7 @@ def extract(
         An `ExtractionResult` (path, rows written, skipped files, timing).
     """
     settings = (settings or ExtractionSettings()).updated(**setting_overrides)
-    if batch_size < 1:
-        raise TLError(f"batch_size must be at least 1, got {batch_size}.")
+    check_interval("batch_size", batch_size, low=1, integer=True)
     output = Path(output)
     extractor = load_extractor(settings)
     settings = extractor.settings

@@ -63,6 +63,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import Normalizer, StandardScaler
 from tqdm.auto import tqdm
 
+from tl._checks import check_choice, check_interval
 from tl._settings import FlatSettings
 from tl.backbones import (
     BackboneSettings,
@@ -73,7 +74,12 @@ from tl.backbones import (
     layer_taps,
     resolve_layers,
 )
-from tl.classifiers import CLASSIFIERS, SavedClassifier, load_classifier
+from tl.classifiers import (
+    CLASS_WEIGHTS,
+    CLASSIFIERS,
+    SavedClassifier,
+    load_classifier,
+)
 from tl.errors import TLError
 from tl.features import ExtractionSettings, compiled_extractor
 from tl.images import (
@@ -201,7 +207,8 @@ class FineTuneSettings(FlatSettings):
             L2-SP paper's penalty on the head).
         l2_sp: strength α of L2-SP, (α/2)·‖w − w₀‖² over the trainable backbone
             weights w with pretrained values w₀ (Li et al., ICML 2018).
-        class_weight: None or `balanced` (loss weights n / (K·n_k)).
+        class_weight: None or `balanced` (loss weights n / (K·n_k)); `none` is read
+            as None.
         val_split: fraction of the non-test images held out, stratified, for
             validation (early stopping, best checkpoint); 0 disables validation.
         test_split: fraction held out, stratified, for the final evaluation.
@@ -239,22 +246,14 @@ class FineTuneSettings(FlatSettings):
             object.__setattr__(self, name, value)
 
         set_("unfreeze", str(self.unfreeze))
-        _require(
-            self.pooling in GLOBAL_POOLINGS,
-            f"Unknown pooling {self.pooling!r} for fine-tuning; choose one of "
-            f"{', '.join(GLOBAL_POOLINGS)}.",
-        )
         set_("augment", tuple(self.augment))
-        unknown = [name for name in self.augment if name not in AUGMENTATIONS]
-        _require(
-            not unknown,
-            f"Unknown augmentation {_names(unknown)}; choose from "
-            f"{', '.join(AUGMENTATIONS)}.",
-        )
-        _require(
-            self.head in HEADS,
-            f"Unknown head {self.head!r}; choose one of {', '.join(HEADS)}.",
-        )
+        if self.class_weight == "none":  # as the command line spells it
+            set_("class_weight", None)
+        check_choice("pooling", self.pooling, GLOBAL_POOLINGS)
+        for name in self.augment:
+            check_choice("augment", name, AUGMENTATIONS)
+        check_choice("head", self.head, HEADS)
+        check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         if self.init_head is not None:
             _require(
                 self.head == "linear",
@@ -263,44 +262,40 @@ class FineTuneSettings(FlatSettings):
             )
             set_("init_head", str(Path(self.init_head).expanduser().resolve()))
         self._check_numbers()
-        _require(
-            self.class_weight in (None, "balanced"),
-            f"--class-weight must be none or balanced, got {self.class_weight!r}.",
-        )
         fraction = _fraction(self.unfreeze)
-        _require(
-            fraction is None or 0 < fraction <= 1,
-            f"--unfreeze {self.unfreeze!r}: a fraction of layers must be in (0, 1]. "
-            f"To train the head only, pass --epochs 0.",
-        )
+        if fraction is not None:
+            check_interval(
+                "unfreeze",
+                fraction,
+                low=0,
+                high=1,
+                closed="right",
+                advice="To train the head only, pass --epochs 0.",
+            )
 
     def _check_numbers(self) -> None:
-        head_epochs = self._head_epochs()
-        dropout = self._dropout()
-        checks = [  # (field, allowed, description of the allowed values)
-            ("epochs", self.epochs >= 0, "a whole number >= 0"),
-            ("head_epochs", head_epochs >= 0, "a whole number >= 0"),
-            ("batch_size", self.batch_size >= 1, "a whole number >= 1"),
-            ("hidden_units", self.hidden_units >= 1, "a whole number >= 1"),
-            ("dropout", 0 <= dropout < 1, "in [0, 1)"),
-            ("head_learning_rate", self.head_learning_rate > 0, "> 0"),
-            ("learning_rate", self.learning_rate > 0, "> 0"),
-            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("l2_sp", self.l2_sp >= 0, ">= 0"),
-            ("val_split", 0 <= self.val_split < 1, "in [0, 1)"),
-            ("test_split", 0 < self.test_split < 1, "in (0, 1)"),
-            ("patience", self.patience >= 0, "a whole number >= 0"),
-        ]
-        for name, allowed, description in checks:
-            _require(
-                allowed,
-                f"--{name.replace('_', '-')} must be {description}, got "
-                f"{getattr(self, name)!r}.",
-            )
+        whole = {"low": 0, "integer": True}
+        for name, bounds in [
+            ("epochs", whole),
+            ("head_epochs", whole),
+            ("batch_size", {"low": 1, "integer": True}),
+            ("hidden_units", {"low": 1, "integer": True}),
+            ("dropout", {"low": 0, "high": 1, "closed": "left"}),
+            ("head_learning_rate", {"low": 0, "closed": "neither"}),
+            ("learning_rate", {"low": 0, "closed": "neither"}),
+            ("warmup_epochs", {"low": 0}),
+            ("label_smoothing", {"low": 0, "high": 1, "closed": "left"}),
+            ("weight_decay", {"low": 0}),
+            ("l2_sp", {"low": 0}),
+            ("val_split", {"low": 0, "high": 1, "closed": "left"}),
+            ("test_split", {"low": 0, "high": 1, "closed": "neither"}),
+            ("patience", whole),
+        ]:
+            value = getattr(self, name)
+            if value is not None:  # head_epochs and dropout: derived when used
+                check_interval(name, value, **bounds)
         _require(
-            self.epochs + head_epochs > 0 or self.init_head is not None,
+            self.epochs + self._head_epochs() > 0 or self.init_head is not None,
             "Nothing to train: --head-epochs and --epochs are both 0.",
         )
 

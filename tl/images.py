@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import numbers
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
+from tl._checks import ParameterError, check_choice, check_interval
 from tl._settings import FlatSettings
 from tl.errors import TLError
 
@@ -210,8 +212,7 @@ class _TreeWalk:
 
 
 def _check_labels(labels: str | None) -> None:
-    if labels not in ("inferred", None):
-        raise TLError(f"labels must be 'inferred' or None, got {labels!r}.")
+    check_choice("labels", labels, ("inferred", None))
 
 
 def index_folder(folder: str | Path, labels: str | None = "inferred") -> ImageIndex:
@@ -343,18 +344,26 @@ def index_images(source: str | Path, labels: str | None = "inferred") -> ImageIn
 # Decoding
 
 
+_SIZE = "N or HxW with positive sides (e.g. 224 or 224x299)"
+
+
 def _size_pair(size) -> tuple[int, int] | None:
     """`N`, `HxW`, `H,W`, an int or a pair as (height, width); None stays None."""
     if size is None:
         return None
-    if isinstance(size, int):
-        return (size, size)
     if isinstance(size, str):
         match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", size)
-        if not match:
-            raise TLError(f"Image size must be N or HxW, got {size!r}.")
-        return (int(match[1]), int(match[2] or match[1]))
-    return tuple(int(side) for side in size)
+        pair = (int(match[1]), int(match[2] or match[1])) if match else ()
+    elif isinstance(size, numbers.Integral):
+        pair = (int(size), int(size))
+    else:
+        try:
+            pair = tuple(int(side) for side in size)
+        except (TypeError, ValueError):
+            pair = ()
+    if len(pair) != 2 or min(pair) < 1:
+        raise ParameterError("image_size", _SIZE, size)
+    return pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,20 +393,10 @@ class ImageSettings(FlatSettings):
     JSON_NAMES: ClassVar[dict[str, str]] = {"size": "image_size"}
 
     def __post_init__(self):
-        if self.resize not in RESIZE_MODES:
-            raise TLError(
-                f"Unknown resize mode {self.resize!r}; choose one of "
-                f"{', '.join(RESIZE_MODES)}."
-            )
-        if self.interpolation not in INTERPOLATIONS:
-            raise TLError(
-                f"Unknown interpolation {self.interpolation!r}; choose one of "
-                f"{', '.join(INTERPOLATIONS)}."
-            )
-        size = _size_pair(self.size)
-        if size is not None and (len(size) != 2 or min(size) < 1):
-            raise TLError(f"Image size must be two positive sides, got {self.size!r}.")
-        object.__setattr__(self, "size", size)
+        check_choice("resize", self.resize, RESIZE_MODES)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        check_interval("max_pixels", self.max_pixels, low=1, integer=True)
+        object.__setattr__(self, "size", _size_pair(self.size))
 
     def resolved(self, spec: BackboneSpec) -> ImageSettings:
         """These settings with the size filled in: `spec`'s default when unset. The

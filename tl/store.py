@@ -57,6 +57,7 @@ except ImportError:  # not on Windows
     resource = None
 
 from tl import locking
+from tl._checks import check_choice
 from tl.errors import TLError
 from tl.provenance import identity_differences
 
@@ -282,11 +283,7 @@ class StoreWriter:
                 (per-row shape) and `dtype`; all of it is stored as metadata.
             ignored: (path, reason) of the files the input index left out.
         """
-        if compression not in COMPRESSIONS:
-            raise TLError(
-                f"Unknown compression {compression!r}; choose one of "
-                f"{', '.join(str(c).lower() for c in COMPRESSIONS)}."
-            )
+        check_choice("compression", compression, COMPRESSIONS)
         try:
             handle = h5py.File(path, "w")
         except OSError as error:
