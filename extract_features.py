@@ -14,13 +14,26 @@ import argparse
 import sys
 
 from tl._checks import ParameterError
-from tl.cli import ArgumentParser, ListOption, check_output, default_output, run_cli
+from tl.cli import (
+    ArgumentParser,
+    ListOption,
+    add_backbone_options,
+    add_image_options,
+    add_info_options,
+    check_output,
+    default_output,
+    handle_info,
+    print_precision_hint,
+    run_cli,
+)
 from tl.errors import TLError
 
 
 def build_parser() -> ArgumentParser:
-    from tl.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, RESIZE_MODES
+    from tl.features import OUTPUT_DTYPES, ExtractionSettings
+    from tl.store import COMPRESSIONS
 
+    defaults = ExtractionSettings()
     parser = ArgumentParser(
         description="Extract CNN codes of several layers in one forward pass into an "
         "HDF5 feature store. Re-running the same command resumes an interrupted run.",
@@ -38,15 +51,18 @@ def build_parser() -> ArgumentParser:
         help="feature store to write [features/<source>_<backbone>.h5]",
     )
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "-b", "--backbone", default="vgg16", help="backbone name (see --list-backbones)"
+    add_backbone_options(
+        model,
+        defaults.backbone,
+        backbone_help="backbone name (see --list-backbones); vgg16 gives the classic "
+        "CNN codes, one pooled block per alias",
     )
     model.add_argument(
         "-l",
         "--layers",
         action=ListOption,
         positional="source",
-        default=["last"],
+        default=list(defaults.layers),
         help="layer aliases or Keras layer names (see --list-layers)",
     )
     model.add_argument(
@@ -54,49 +70,18 @@ def build_parser() -> ArgumentParser:
         "--pooling",
         action=ListOption,
         positional="source",
-        default=["avg"],
+        default=list(defaults.pooling),
         help="avg, max, avgmax, flatten, none or grid:GHxGW; one for "
         "all layers or one per layer",
     )
     model.add_argument(
-        "-w",
-        "--weights",
-        default="imagenet",
-        help="imagenet, none (random, for tests) or a weights file",
-    )
-    model.add_argument(
-        "--precision",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute precision",
-    )
-    model.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "float16"],
+        default=defaults.dtype,
+        choices=OUTPUT_DTYPES,
         help="stored precision of the codes",
     )
-    model.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="random initialisation seed (--weights none)",
-    )
     images = parser.add_argument_group("images")
-    images.add_argument("-s", "--image-size", help="N or HxW [the backbone's default]")
-    images.add_argument("--resize", default="squash", choices=RESIZE_MODES)
-    images.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS)
-    images.add_argument(
-        "--antialias",
-        action="store_true",
-        help="low-pass filter when downscaling (slower)",
-    )
-    images.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="refuse larger images without decoding them",
-    )
+    add_image_options(images, defaults.image)
     images.add_argument(
         "--unlabeled",
         action="store_true",
@@ -104,7 +89,11 @@ def build_parser() -> ArgumentParser:
     )
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
+    run.add_argument(
+        "--compression",
+        choices=[str(c).lower() for c in COMPRESSIONS],
+        default="none",
+    )
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -128,17 +117,7 @@ def build_parser() -> ArgumentParser:
         help="join complete shard files into --output and exit",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    info = parser.add_argument_group("information")
-    info.add_argument(
-        "--list-backbones",
-        action="store_true",
-        help="list the known backbones and exit",
-    )
-    info.add_argument(
-        "--list-layers",
-        metavar="BACKBONE",
-        help="list aliases and layers of BACKBONE (at --image-size) and exit",
-    )
+    add_info_options(parser)
     return parser
 
 
@@ -152,17 +131,9 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from tl import backbones, features, store
-    from tl.precision import half_precision_hint
+    from tl import features, store
 
-    if args.list_backbones:
-        print(backbones.describe_backbones())
-        return 0
-    if args.list_layers:
-        settings = features.ExtractionSettings.create(
-            backbone=args.list_layers, image_size=args.image_size
-        ).resolved()
-        print(backbones.describe_layers(args.list_layers, settings.image.size))
+    if handle_info(args):
         return 0
     options = {"batch_size": args.batch_size, "progress": not args.quiet}
     if args.merge:
@@ -177,25 +148,13 @@ def _command(args: argparse.Namespace) -> int:
     else:
         if not args.source:
             raise TLError("Give an image folder or CSV to extract (or --resume STORE).")
+        settings = features.ExtractionSettings.from_json(
+            {**vars(args), "labels": None if args.unlabeled else "inferred"}
+        )
         output = check_output(
             args.output
-            or default_output("features", args.source, args.backbone, ".h5"),
+            or default_output("features", args.source, settings.backbone.name, ".h5"),
             "--output",
-        )
-        settings = features.ExtractionSettings.create(
-            backbone=args.backbone,
-            layers=args.layers,
-            pooling=args.pooling,
-            image_size=args.image_size,
-            resize=args.resize,
-            interpolation=args.interpolation,
-            antialias=args.antialias,
-            max_pixels=args.max_pixels,
-            weights=args.weights,
-            precision=args.precision,
-            dtype=args.dtype,
-            labels=None if args.unlabeled else "inferred",
-            seed=args.seed,
         )
         result = features.extract(
             args.source,
@@ -210,14 +169,13 @@ def _command(args: argparse.Namespace) -> int:
         f"{result.path}: {result.rows} rows, {len(result.skipped)} skipped"
         + (f", {result.images_per_second:.1f} images/s" if result.seconds else "")
     )
-    hint = result.seconds and half_precision_hint(args.precision, args.backbone)
-    if hint:  # after the work: a refusal of bad input stays one line
-        print(f"hint: {hint}", file=sys.stderr)
+    if result.seconds:
+        print_precision_hint(result.settings.backbone)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _command(build_parser().parse_args(argv)))
+    return run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _command(build_parser().parse_args(argv)))
+    return run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

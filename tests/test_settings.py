@@ -125,3 +125,109 @@ def test_dropping_init_head_by_keyword_trains_the_head_again(tmp_path, built):
         DEFAULT_HEAD_EPOCHS,
         DEFAULT_DROPOUT,
     )
+
+
+def test_every_option_of_the_scripts_reaches_its_setting(tmp_path):
+    """Each option's dest is a flat settings key: every key has its option, and
+    every option given a value other than its default (a `--protocol` or an
+    `--init-head` aside) comes through to the settings."""
+    import extract_features
+    import fine_tune
+    import train_classifier
+
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"")
+    given = {
+        "backbone": ("-b", "mobilenetv2"),
+        "weights": ("-w", str(weights)),
+        "precision": ("--precision", "bfloat16"),
+        "seed": ("--seed", "7"),
+        "image_size": ("-s", "40x48"),
+        "resize": ("--resize", "pad"),
+        "interpolation": ("--interpolation", "area"),
+        "antialias": ("--antialias",),
+        "max_pixels": ("--max-pixels", "1000"),
+    }
+    expected = {
+        "backbone": "mobilenetv2",
+        "weights": str(weights.resolve()),
+        "precision": "bfloat16",
+        "seed": 7,
+        "image_size": [40, 48],
+        "resize": "pad",
+        "interpolation": "area",
+        "antialias": True,
+        "max_pixels": 1000,
+    }
+    shared = [text for option in given.values() for text in option]
+    extraction = [*shared, "-l", "block1", "block2", "-p", "max", "--dtype", "float16"]
+    args = extract_features.build_parser().parse_args(["src", *extraction])
+    assert ExtractionSettings.json_keys() - {"labels"} <= vars(args).keys()
+    settings = ExtractionSettings.from_json(vars(args))
+    assert settings.to_json() == {
+        **expected,
+        "layers": ["block1", "block2"],
+        "pooling": ["max", "max"],
+        "dtype": "float16",
+        "labels": "inferred",
+    }
+    tuning = {
+        "pooling": ("--pooling", "max", "max"),
+        "head": ("--head", "mlp", "mlp"),
+        "hidden_units": ("--hidden-units", "9", 9),
+        "dropout": ("--dropout", "0.4", 0.4),
+        "unfreeze": ("--unfreeze", "0.5", "0.5"),
+        "head_epochs": ("--head-epochs", "2", 2),
+        "epochs": ("--epochs", "3", 3),
+        "batch_size": ("--batch-size", "5", 5),
+        "head_learning_rate": ("--head-lr", "0.5", 0.5),
+        "learning_rate": ("--lr", "0.25", 0.25),
+        "warmup_epochs": ("--warmup-epochs", "0.5", 0.5),
+        "patience": ("--patience", "4", 4),
+        "augment": ("--augment", "flip", ["flip"]),
+        "label_smoothing": ("--label-smoothing", "0.1", 0.1),
+        "weight_decay": ("--weight-decay", "0.01", 0.01),
+        "l2_sp": ("--l2-sp", "0.02", 0.02),
+        "class_weight": ("--class-weight", "balanced", "balanced"),
+        "val_split": ("--val-split", "0.3", 0.3),
+        "test_split": ("--test-split", "0.4", 0.4),
+    }
+    argv = ["src", *shared]
+    for flag, text, _ in tuning.values():
+        argv += [flag, text]
+    args = fine_tune.build_parser().parse_args(argv)
+    assert FineTuneSettings.json_keys() <= vars(args).keys()
+    settings = FineTuneSettings.from_json(vars(args)).to_json()
+    assert settings == {
+        **expected,
+        **{key: value for key, (_, _, value) in tuning.items()},
+        "init_head": None,
+    }
+    comparison = {
+        "classifiers": ("-c", "ridge", ["ridge"]),
+        "layers": ("-l", "a", ["a"]),
+        "normalization": ("--normalization", "l2", "l2"),
+        "pca": ("--pca", "3", 3),
+        "class_weight": ("--class-weight", "balanced", "balanced"),
+        "protocol": ("--protocol", "holdout", "holdout"),  # cv takes no --shots
+        "folds": ("--cv", "4", 4),
+        "test_size": ("--test-size", "0.3", 0.3),
+        "search_rows": ("--search-rows", "10", 10),
+        "shots": ("--shots", "2", [2]),
+        "shot_seeds": ("--shot-seeds", "2", 2),
+        "seed": ("--seed", "3", 3),
+        "jobs": ("-j", "2", 2),
+        "out_of_core": ("--out-of-core", "never", "never"),
+        "memory_limit_gb": ("--memory-limit", "1.5", 1.5),
+        "drop_nonfinite": ("--drop-nonfinite", None, True),
+    }
+    argv = ["store.h5"]
+    for flag, text, _ in comparison.values():
+        argv += [flag] + ([text] if text else [])
+    args = train_classifier.build_parser().parse_args(argv)
+    from tl.evaluation import ComparisonSettings
+
+    assert ComparisonSettings.json_keys() <= vars(args).keys()
+    assert ComparisonSettings.from_json(vars(args)).to_json() == {
+        key: value for key, (_, _, value) in comparison.items()
+    }

@@ -550,13 +550,13 @@ def describe_backbones() -> str:
     return "\n".join(lines)
 
 
-def describe_layers(name: str, image_size: tuple[int, int] | None = None) -> str:
+def describe_layers(name: str, image_size: tuple[int, int]) -> str:
     """Aliases, then every layer with its output shape and stride, for `--list-layers`.
 
     Builds the model with random weights (nothing is downloaded).
     """
     spec = get_backbone(name)
-    size = image_size or (spec.default_size, spec.default_size)
+    size = image_size
     model, _ = build_backbone(spec, size, "none")
     taps = layer_taps(model, spec)
     rows = [

@@ -37,6 +37,7 @@ from sklearn.preprocessing import Normalizer
 from tqdm.auto import tqdm
 
 from tl._checks import ParameterError, check_choice, check_interval
+from tl._settings import FlatSettings
 from tl.classifiers import (
     CLASS_WEIGHTS,
     CLASSIFIERS,
@@ -57,7 +58,7 @@ OUT_OF_CORE = ("auto", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
-class ComparisonSettings:
+class ComparisonSettings(FlatSettings):
     """How `compare` trains and evaluates.
 
     Attributes:
@@ -871,9 +872,7 @@ def compare(
     Returns:
         A `ComparisonResult`; `tl.reports.write_report` turns it into files.
     """
-    settings = dataclasses.replace(
-        settings or ComparisonSettings(), **setting_overrides
-    )
+    settings = (settings or ComparisonSettings()).updated(**setting_overrides)
     opened = []
     if not isinstance(store, FeatureStore):
         store = FeatureStore(store)

@@ -340,9 +340,10 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
 
 @dataclasses.dataclass
 class ExtractionResult:
-    """What a call of `extract` did."""
+    """What a call of `extract` did, and with which (resolved) settings."""
 
     path: Path
+    settings: ExtractionSettings
     rows: int
     skipped: list[tuple[int, str, str]]
     images_processed: int
@@ -539,7 +540,7 @@ def extract(
             target.replace(output)
         with FeatureStore(output) as store:
             result = ExtractionResult(
-                output, len(store), store.skipped, processed, seconds
+                output, settings, len(store), store.skipped, processed, seconds
             )
     for _, path, reason in result.skipped:
         log.warning("skipped %s: %s", path, reason)
