@@ -10,20 +10,20 @@ weights (`imagenet`, a local file or `none`) and records where they came from;
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
 import keras
 import numpy as np
 
+from tl._keras_compat import inbound_layer_names, recorded_downloads, weights_cache
 from tl._settings import FlatSettings
 from tl.errors import TLError, known_names
 from tl.precision import check_precision, compute_policy
@@ -240,38 +240,10 @@ def sha256_of_file(path: str | Path, block_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _recorded_downloads() -> Iterator[list[dict]]:
-    """Record the calls `keras.applications` makes to Keras' `get_file`.
-
-    Yields a list that receives `{fname, origin, path}` for each call, so tl can hash
-    the cached ImageNet file and, when the download fails, tell the user which file
-    to fetch by hand.
-    """
-    from keras.src.utils import file_utils
-
-    calls: list[dict] = []
-    original = file_utils.get_file
-
-    def recording_get_file(fname=None, origin=None, *args, **kwargs):
-        call = {"fname": fname, "origin": origin, "path": None}
-        calls.append(call)
-        call["path"] = original(fname, origin, *args, **kwargs)
-        return call["path"]
-
-    file_utils.get_file = recording_get_file
-    try:
-        yield calls
-    finally:
-        file_utils.get_file = original
-
-
 def _offline_message(spec: BackboneSpec, calls: list[dict], error: Exception) -> str:
     fname = calls[-1]["fname"] if calls else f"the {spec.name} no-top weights file"
     origin = calls[-1]["origin"] if calls else "the Keras applications URL"
-    from keras.src.backend.config import keras_home
-
-    cache = Path(keras_home()) / "models"
+    cache = weights_cache()
     return (
         f"Could not download the ImageNet weights of {spec.name} ({error}). "
         f"This machine may have no internet access. On a machine that has, fetch "
@@ -333,7 +305,7 @@ def build_backbone(
     keras_weights = None if weights == "none" else weights
     with (
         compute_policy(precision),
-        _recorded_downloads() as calls,
+        recorded_downloads() as calls,
         warnings.catch_warnings(),
     ):
         # A mismatched file raises after Keras warns once per layer; the error says it.
@@ -439,11 +411,9 @@ def _cut_points(layers: list) -> set[str]:
     position = {layer.name: i for i, layer in enumerate(layers)}
     last_consumer = dict.fromkeys(position, -1)
     for layer in layers:
-        for node in layer._inbound_nodes:
-            for parent in node.parent_nodes:
-                name = parent.operation.name
-                if name in last_consumer:
-                    last_consumer[name] = max(last_consumer[name], position[layer.name])
+        for name in inbound_layer_names(layer):
+            if name in last_consumer:
+                last_consumer[name] = max(last_consumer[name], position[layer.name])
     cuts, reach = set(), -1
     for i, layer in enumerate(layers):
         if reach <= i:
@@ -488,7 +458,7 @@ def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
             stage_last[stride] = layer.name
     for number, stride in enumerate(sorted(stage_last), start=1):
         aliases[f"stage{number}"] = stage_last[stride]
-    final = model.outputs[0]._keras_history.operation.name
+    final = layers[-1].name  # the output: layers are in topological order
     aliases["penultimate"] = aliases["last"] = final
 
     by_layer: dict[str, list[str]] = {}

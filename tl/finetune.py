@@ -543,7 +543,7 @@ def _add_head(
     ]
     if settings.l2_sp:
         for variable in backbone.trainable_weights:
-            anchor = keras.Variable(np.array(variable), trainable=False)  # a copy
+            anchor = keras.Variable(variable.numpy().copy(), trainable=False)
             variable.regularizer = _TowardsPretrained(anchor, settings.l2_sp)
     global_pooling = {
         "avg": keras.layers.GlobalAveragePooling2D,
