@@ -97,7 +97,8 @@ def test_vgg_and_resnet_aliases_and_tap_metadata():
     assert "block3" in taps["block3_pool"].aliases
     assert taps["block3_pool"].shape == (8, 8, 256)
     assert taps["block3_pool"].stride == 8
-    assert {"last", "penultimate", "block5"} <= set(taps["block5_pool"].aliases)
+    aliases = set(taps["block5_pool"].aliases)
+    assert {"block5", "last"} <= aliases and "penultimate" not in aliases
 
     spec, model = _build("resnet50", 64)
     taps = layer_taps(model, spec)
@@ -138,7 +139,8 @@ def test_unknown_layer_lists_aliases_and_close_names():
 def test_describe_layers_lists_aliases_and_every_layer():
     text = describe_layers("resnet50", (64, 64))
     assert "conv4_block6_out" in text and "conv2_block1_1_conv" in text
-    assert "conv5, stage5, penultimate, last" in text
+    assert "conv5, stage5, last" in text
+    assert "last            the final feature map, before global pooling" in text
 
 
 def test_weights_file_is_loaded_and_hashed(tmp_path):

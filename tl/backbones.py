@@ -428,10 +428,9 @@ _PLUMBING = (keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
 def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
     """Every layer of `model` as a `Tap`, in topological order, aliases attached.
 
-    Aliases: the family's own (`block1`..`block5` for VGG, `conv1`..`conv5` for
-    ResNets), `stage1`..`stageN` (at each output stride, the last layer that all of
-    the network's paths go through, as timm's feature_info), and `last`/`penultimate`
-    (the final feature map, which global pooling turns into the classic CNN codes).
+    Aliases are those of `ALIASES`: the family's own (`block1`..`block5` for VGG,
+    `conv1`..`conv5` for ResNets), `stage1`..`stageN` (as timm's feature_info) and
+    `last`.
     """
     input_side = model.input_shape[1]
     layers = [
@@ -458,8 +457,7 @@ def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
             stage_last[stride] = layer.name
     for number, stride in enumerate(sorted(stage_last), start=1):
         aliases[f"stage{number}"] = stage_last[stride]
-    final = layers[-1].name  # the output: layers are in topological order
-    aliases["penultimate"] = aliases["last"] = final
+    aliases["last"] = layers[-1].name  # the output: layers are in topological order
 
     by_layer: dict[str, list[str]] = {}
     for alias, layer_name in aliases.items():
@@ -475,6 +473,21 @@ def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
         )
         for depth, name in enumerate(names)
     ]
+
+
+ALIASES = (
+    ("block1..block5", "VGG: the pooling layer that ends each block"),
+    ("conv1..conv5", "ResNets: the output of each stage"),
+    (
+        "stage1..stageN",
+        "every backbone: at each output stride, the last layer that all of the "
+        "network's paths go through",
+    ),
+    (
+        "last",
+        "the final feature map, before global pooling (pooled: the classic CNN codes)",
+    ),
+)
 
 
 def resolve_layers(taps: list[Tap], requested: list[str], backbone: str) -> list[Tap]:
@@ -544,6 +557,8 @@ def describe_layers(name: str, image_size: tuple[int, int]) -> str:
 
     return "\n".join(
         [
+            *(f"{alias:<15} {meaning}" for alias, meaning in ALIASES),
+            "",
             f"{spec.name} at {size[0]}x{size[1]}: aliases",
             *table(alias_rows),
             "",

@@ -203,10 +203,10 @@ def compiled_extractor(extractor: keras.Model) -> Callable:
         input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)],
         reduce_retracing=True,
     )
-    def run(images):
+    def codes_of(images):
         return extractor(images, training=False)
 
-    return run
+    return codes_of
 
 
 # ---------------------------------------------------------------------------------
@@ -591,7 +591,7 @@ def _extract_rest(
         )
     _check_disk(writer.path, needed)
     began = time.perf_counter()
-    _run(extractor, index, writer, start, stop, batch_size, progress, on_batch)
+    _write_codes(extractor, index, writer, start, stop, batch_size, progress, on_batch)
     return remaining, time.perf_counter() - began
 
 
@@ -611,15 +611,15 @@ def iter_codes(
 ) -> Iterator[CodeBatch]:
     """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
     (see `tl.images.decoded_batches`)."""
-    run = compiled_extractor(extractor.model)
+    codes_of = compiled_extractor(extractor.model)
     for batch in decoded_batches(paths, extractor.settings.image, batch_size, first):
         codes = {}
         if batch.images is not None:
-            codes = {key: value.numpy() for key, value in run(batch.images).items()}
+            codes = {k: v.numpy() for k, v in codes_of(batch.images).items()}
         yield CodeBatch(batch.positions, codes, batch.skipped, batch.end)
 
 
-def _run(
+def _write_codes(
     extractor: Extractor,
     index: ImageIndex,
     writer: StoreWriter,

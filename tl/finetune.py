@@ -431,7 +431,7 @@ def unfrozen_layers(backbone: keras.Model, spec: BackboneSpec, unfreeze: str) ->
 
     A numbered alias (`conv5`, `block5`, `stage4`) selects its block, from the layer
     after the previous alias of the same kind (`conv4`) up, and everything above it;
-    `last` and `penultimate` select the final block (the family's alias when there
+    `last` selects the final block (the family's alias when there
     is one, else the last stage). A Keras layer name selects that layer and all
     later ones, `all` every layer, a fraction F the top F of the layers with weights.
 
@@ -769,14 +769,14 @@ def _over_images(
     paths: list[str],
     settings: ImageSettings,
     batch_size: int,
-    run: Callable | None = None,
+    apply: Callable | None = None,
     progress: bool = False,
     description: str = "",
 ) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, str]]]:
-    """Decode `paths` in parallel, optionally running `run` on each batch.
+    """Decode `paths` in parallel, optionally calling `apply` on each batch.
 
     Returns:
-        Positions of the decoded files, `run`'s outputs per batch, and
+        Positions of the decoded files, `apply`'s outputs per batch, and
         (position, reason) for each file that could not be decoded.
     """
     kept, outputs, skipped = [np.empty(0, np.int64)], [], []
@@ -786,8 +786,8 @@ def _over_images(
         for batch in decoded_batches(paths, settings, batch_size):
             kept.append(batch.positions)
             skipped += batch.skipped
-            if run is not None and batch.images is not None:
-                outputs.append(np.asarray(run(batch.images)))
+            if apply is not None and batch.images is not None:
+                outputs.append(np.asarray(apply(batch.images)))
             bar.update(batch.end - bar.n)
     return np.concatenate(kept), outputs, skipped
 
@@ -1011,8 +1011,9 @@ def _remove_run_files(directory: Path) -> None:
 
 
 @dataclasses.dataclass
-class _Run:
-    """One fine-tuning run: the model, its images, its progress and its folder."""
+class _TrainingJob:
+    """One fine-tuning run being trained: the model, its images, its progress and
+    its folder."""
 
     net: FineTuneModel
     settings: FineTuneSettings
@@ -1097,10 +1098,10 @@ def _compile(net: FineTuneModel, settings: FineTuneSettings, stage: int, steps: 
     )
 
 
-def _end_epoch(run: _Run, logs: dict, seconds: float) -> None:
+def _end_epoch(job: _TrainingJob, logs: dict, seconds: float) -> None:
     """Record an epoch, keep the best weights, decide early stopping, checkpoint."""
-    model, state, directory = run.net.model, run.state, run.directory
-    patience = run.settings.patience
+    model, state, directory = job.net.model, job.state, job.directory
+    patience = job.settings.patience
     row = {
         "epoch": state.epoch,
         "stage": state.stage,
@@ -1140,11 +1141,11 @@ def _end_epoch(run: _Run, logs: dict, seconds: float) -> None:
     )
 
 
-def _validation_logs(run: _Run) -> dict[str, float]:
+def _validation_logs(job: _TrainingJob) -> dict[str, float]:
     """`val_loss` (cross-entropy, without label smoothing or penalties) and
     `val_accuracy`, computed on one device (Keras' distributed validation fails on
     a last batch that does not split evenly over the replicas)."""
-    labels, probabilities = run.predict(run.splits.val)
+    labels, probabilities = job.predict(job.splits.val)
     true_class = probabilities[np.arange(len(labels)), labels]
     return {
         "val_loss": float(-np.mean(np.log(np.clip(true_class, 1e-7, 1.0)))),
@@ -1153,11 +1154,11 @@ def _validation_logs(run: _Run) -> dict[str, float]:
 
 
 def _train(
-    run: _Run, progress: bool, callbacks: Sequence[keras.callbacks.Callback]
+    job: _TrainingJob, progress: bool, callbacks: Sequence[keras.callbacks.Callback]
 ) -> None:
     """Both stages, epoch by epoch, from wherever the run's state says it is."""
-    net, settings, state, directory = run.net, run.settings, run.state, run.directory
-    train = run.splits.train
+    net, settings, state, directory = job.net, job.settings, job.state, job.directory
+    train = job.splits.train
     weights = None
     if settings.class_weight == "balanced":
         weights = class_weights(train.labels, len(train.class_names))
@@ -1171,10 +1172,10 @@ def _train(
             f"{len(train)} training images make no full batch of --batch-size "
             f"{settings.batch_size}; lower it."
         )
-    if run.splits.val is not None and state.best is None:
+    if job.splits.val is not None and state.best is None:
         # The model before training is the first candidate: with --init-head, a
         # fine-tuning that never beats the probe on validation returns the probe.
-        logs = _validation_logs(run)
+        logs = _validation_logs(job)
         state.best, state.best_epoch = logs["val_loss"], -1
         _save_variables(directory / _BEST, net.model.variables)
         log.info(
@@ -1209,9 +1210,9 @@ def _train(
                 callbacks=[*([bar] if progress else []), *callbacks],
             )
             logs = {key: values[-1] for key, values in history.history.items()}
-            if run.splits.val is not None:
-                logs.update(_validation_logs(run))
-            _end_epoch(run, logs, time.perf_counter() - began)
+            if job.splits.val is not None:
+                logs.update(_validation_logs(job))
+            _end_epoch(job, logs, time.perf_counter() - began)
         if state.stopped:
             log.info("stage %d stopped early: no better val_loss", stage)
         if state.best_epoch is not None:
@@ -1294,7 +1295,7 @@ class FineTunedModel:
     metadata: dict
 
     @functools.cached_property
-    def _run(self) -> Callable:
+    def _predictor(self) -> Callable:
         return compiled_extractor(self.model)
 
     @property
@@ -1317,7 +1318,7 @@ class FineTunedModel:
         """
         paths = [str(path) for path in paths]
         _, outputs, skipped = _over_images(
-            paths, self.image_settings, batch_size, self._run
+            paths, self.image_settings, batch_size, self._predictor
         )
         probabilities = (
             np.concatenate(outputs)
@@ -1395,9 +1396,9 @@ def _inference_model(model: keras.Model, class_names: list[str]) -> keras.Model:
 
 
 def _metadata(
-    run: _Run, source: Path, metrics: dict, saved: SavedClassifier | None
+    job: _TrainingJob, source: Path, metrics: dict, saved: SavedClassifier | None
 ) -> dict:
-    settings, net, splits, state = run.settings, run.net, run.splits, run.state
+    settings, net, splits, state = job.settings, job.net, job.splits, job.state
     return {
         "format": MODEL_FORMAT,
         "schema_version": MODEL_SCHEMA_VERSION,
@@ -1550,10 +1551,10 @@ def fine_tune(
         settings.unfreeze,
     )
     _write_splits(splits, directory)
-    run = _Run(net, settings, splits, state, directory)
+    job = _TrainingJob(net, settings, splits, state, directory)
     with strategy.scope():
-        _train(run, progress, callbacks)
-    _export(run, source, saved)
+        _train(job, progress, callbacks)
+    _export(job, source, saved)
     return _result(directory)
 
 
@@ -1593,11 +1594,11 @@ def _open_run(
     return state
 
 
-def _export(run: _Run, source: Path, saved: SavedClassifier | None) -> None:
+def _export(job: _TrainingJob, source: Path, saved: SavedClassifier | None) -> None:
     """Evaluate on the test split, write the results and the model, mark complete."""
-    settings, state, directory = run.settings, run.state, run.directory
-    class_names = run.splits.train.class_names
-    truth, probabilities = run.predict(run.splits.test)
+    settings, state, directory = job.settings, job.state, job.directory
+    class_names = job.splits.train.class_names
+    truth, probabilities = job.predict(job.splits.test)
     predicted = probabilities.argmax(axis=1)
     metrics = classification_metrics(truth, predicted)
     matrix = confusion_matrix(truth, predicted, labels=range(len(class_names)))
@@ -1613,8 +1614,8 @@ def _export(run: _Run, source: Path, saved: SavedClassifier | None) -> None:
     write_results(rows, directory)
     _write_confusion(matrix, class_names, directory)
     _write_history(state.history, directory)
-    _inference_model(run.net.model, class_names).save(directory / MODEL_FILE)
-    metadata = _metadata(run, source, metrics, saved)
+    _inference_model(job.net.model, class_names).save(directory / MODEL_FILE)
+    metadata = _metadata(job, source, metrics, saved)
     metadata["files"] = file_hashes(directory, [MODEL_FILE])
     (directory / METADATA).write_text(json.dumps(metadata, indent=2, default=str))
     state.complete = True
