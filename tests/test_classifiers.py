@@ -41,6 +41,17 @@ def test_relative_gamma_matches_svc_scale():
     np.testing.assert_allclose(ours.decision_function(X), theirs.decision_function(X))
 
 
+# What each classifier's scores are: probabilities where it has predict_proba.
+SCORE_KINDS = {
+    "logreg": "probability",
+    "knn": "probability",
+    "sgd": "probability",  # log loss
+    "linear_svm": "decision",
+    "rbf_svm": "decision",
+    "ridge": "decision",
+}
+
+
 def make_store(path, n=40, d=6, seed=0, settings=None):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 2
@@ -69,8 +80,13 @@ def test_save_load_round_trip_predicts_the_same(tmp_path, name, normalization, p
         loaded.check_codes(store)
     np.testing.assert_array_equal(loaded.predict(X), pipeline.predict(X))
     scores, kind = loaded.scores(X)
-    assert scores.shape == (len(X), 2)
-    assert kind in ("probability", "decision")
+    assert kind == SCORE_KINDS[name]
+    wide = X.astype(np.float64)  # as the saved model reads codes
+    if kind == "probability":
+        np.testing.assert_allclose(scores, pipeline.predict_proba(wide))
+    else:  # binary: one decision value z, shown as the scores (-z, z)
+        z = pipeline.decision_function(wide)
+        np.testing.assert_allclose(scores, np.stack([-z, z], axis=1))
     assert loaded.class_names == ["neg", "pos"]
     model_file = tmp_path / "model" / "model.skops"
     assert set(skops.io.get_untrusted_types(file=model_file)) <= set(TRUSTED_TYPES)

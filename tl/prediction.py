@@ -120,7 +120,7 @@ def _probe_records(
         raise TLError(
             f"The codes of the extractor rebuilt for {str(model_dir)!r} would differ "
             f"from those it was trained on: {'; '.join(differences)}. Use the weights "
-            f"file it was trained with ({model.metadata['extraction']['weights']})."
+            f"file it was trained with ({model.metadata['extraction']['weights']!r})."
         )
     key = extractor.taps[0].layer
     classes = list(model.pipeline.classes_)
