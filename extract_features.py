@@ -13,31 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tl import cli
 from tl._checks import ParameterError
-from tl.cli import (
-    ArgumentParser,
-    ListOption,
-    add_backbone_options,
-    add_image_options,
-    add_info_options,
-    check_output,
-    default_output,
-    handle_info,
-    print_precision_hint,
-    run_cli,
-)
 from tl.errors import TLError
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     from tl.features import OUTPUT_DTYPES, ExtractionSettings
     from tl.store import COMPRESSIONS
 
     defaults = ExtractionSettings()
-    parser = ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Extract CNN codes of several layers in one forward pass into an "
         "HDF5 feature store. Re-running the same command resumes an interrupted run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "source",
@@ -51,7 +39,7 @@ def build_parser() -> ArgumentParser:
         help="feature store to write [features/<source>_<backbone>.h5]",
     )
     model = parser.add_argument_group("model")
-    add_backbone_options(
+    cli.add_backbone_options(
         model,
         defaults.backbone,
         backbone_help="backbone name (see --list-backbones); vgg16 gives the classic "
@@ -60,7 +48,7 @@ def build_parser() -> ArgumentParser:
     model.add_argument(
         "-l",
         "--layers",
-        action=ListOption,
+        action=cli.ListOption,
         positional="source",
         default=list(defaults.layers),
         help="layer aliases or Keras layer names (see --list-layers)",
@@ -68,7 +56,7 @@ def build_parser() -> ArgumentParser:
     model.add_argument(
         "-p",
         "--pooling",
-        action=ListOption,
+        action=cli.ListOption,
         positional="source",
         default=list(defaults.pooling),
         help="avg, max, avgmax, flatten, none or grid:GHxGW; one for "
@@ -81,7 +69,7 @@ def build_parser() -> ArgumentParser:
         help="stored precision of the codes",
     )
     images = parser.add_argument_group("images")
-    add_image_options(images, defaults.image)
+    cli.add_image_options(images, defaults.image)
     images.add_argument(
         "--unlabeled",
         action="store_true",
@@ -117,7 +105,7 @@ def build_parser() -> ArgumentParser:
         help="join complete shard files into --output and exit",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_info_options(parser)
+    cli.add_info_options(parser)
     return parser
 
 
@@ -133,27 +121,29 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 def _command(args: argparse.Namespace) -> int:
     from tl import features, store
 
-    if handle_info(args):
+    if cli.handle_info(args):
         return 0
     options = {"batch_size": args.batch_size, "progress": not args.quiet}
     if args.merge:
         if not args.output:
             raise TLError("--merge needs --output, the merged store to write.")
-        output = check_output(args.output, "--output")
+        output = cli.check_output(args.output, "--output")
         store.merge_stores(args.merge, output, overwrite=args.overwrite)
         print(f"merged {len(args.merge)} shards into {output}")
         return 0
     if args.resume:
-        result = features.resume(check_output(args.resume, "--resume"), **options)
+        result = features.resume(cli.check_output(args.resume, "--resume"), **options)
     else:
         if not args.source:
             raise TLError("Give an image folder or CSV to extract (or --resume STORE).")
         settings = features.ExtractionSettings.from_json(
             {**vars(args), "labels": None if args.unlabeled else "inferred"}
         )
-        output = check_output(
+        output = cli.check_output(
             args.output
-            or default_output("features", args.source, settings.backbone.name, ".h5"),
+            or cli.default_output(
+                "features", args.source, settings.backbone.name, ".h5"
+            ),
             "--output",
         )
         result = features.extract(
@@ -170,12 +160,12 @@ def _command(args: argparse.Namespace) -> int:
         + (f", {result.images_per_second:.1f} images/s" if result.seconds else "")
     )
     if result.seconds:
-        print_precision_hint(result.settings.backbone)
+        cli.print_precision_hint(result.settings.backbone)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, _command, argv)
+    return cli.run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

@@ -14,22 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tl.cli import (
-    ArgumentParser,
-    ListOption,
-    add_backbone_options,
-    add_class_weight_option,
-    add_image_options,
-    add_info_options,
-    check_output,
-    default_output,
-    handle_info,
-    print_precision_hint,
-    run_cli,
-)
+from tl import cli
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     from tl.finetune import (
         AUGMENTATIONS,
         DEFAULT_DROPOUT,
@@ -40,13 +28,12 @@ def build_parser() -> ArgumentParser:
     )
 
     defaults = FineTuneSettings()
-    parser = ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Fine-tune a keras.applications backbone with a new head: stage 1 "
         "trains the head on the frozen backbone, stage 2 also the unfrozen top of the "
         "backbone, with warmup and cosine decay. Writes model.keras, training curves "
         "and a test evaluation in the classifier leaderboard's format. Re-running the "
         "same command resumes an interrupted run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "source",
@@ -58,7 +45,7 @@ def build_parser() -> ArgumentParser:
         "-o", "--output-dir", help="run folder to write [runs/<source>_<backbone>]"
     )
     model = parser.add_argument_group("model")
-    add_backbone_options(
+    cli.add_backbone_options(
         model,
         defaults.backbone,
         backbone_help="backbone name (see --list-backbones); resnet50 trains at about "
@@ -137,7 +124,7 @@ def build_parser() -> ArgumentParser:
     regular = parser.add_argument_group("regularisation")
     regular.add_argument(
         "--augment",
-        action=ListOption,
+        action=cli.ListOption,
         positional="source",
         nargs="*",
         default=list(defaults.augment),
@@ -161,7 +148,7 @@ def build_parser() -> ArgumentParser:
         help="strength of the L2-SP penalty pulling the backbone towards its "
         "pretrained weights (e.g. 0.01)",
     )
-    add_class_weight_option(
+    cli.add_class_weight_option(
         regular, "balanced: weight the loss by n / (classes * class count)"
     )
     data = parser.add_argument_group("data")
@@ -174,7 +161,7 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--val-dir", help="separate validation folder")
     data.add_argument("--test-split", type=float, default=defaults.test_split)
     data.add_argument("--test-dir", help="separate test folder")
-    add_image_options(data, defaults.image)
+    cli.add_image_options(data, defaults.image)
     run = parser.add_argument_group("run")
     run.add_argument(
         "--overwrite",
@@ -182,7 +169,7 @@ def build_parser() -> ArgumentParser:
         help="replace a previous run in --output-dir instead of resuming it",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    add_info_options(parser)
+    cli.add_info_options(parser)
     return parser
 
 
@@ -190,13 +177,14 @@ def _command(args: argparse.Namespace) -> int:
     from tl.errors import TLError
     from tl.finetune import FineTuneSettings, fine_tune
 
-    if handle_info(args):
+    if cli.handle_info(args):
         return 0
     if not args.source:
         raise TLError("Give an image folder (one sub-folder per class) or a CSV.")
     settings = FineTuneSettings.from_json(vars(args))
-    output = check_output(
-        args.output_dir or default_output("runs", args.source, settings.backbone.name),
+    output = cli.check_output(
+        args.output_dir
+        or cli.default_output("runs", args.source, settings.backbone.name),
         "--output-dir",
         folder=True,
     )
@@ -221,12 +209,12 @@ def _command(args: argparse.Namespace) -> int:
         f"{metrics['macro_f1']:.4f} ({result.epochs_run} epochs{best}); model in "
         f"{result.directory / 'model.keras'}"
     )
-    print_precision_hint(settings.backbone, training=True)
+    cli.print_precision_hint(settings.backbone, training=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, _command, argv)
+    return cli.run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

@@ -15,24 +15,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from tl.cli import (
-    ArgumentParser,
-    ListOption,
-    add_class_weight_option,
-    check_output,
-    run_cli,
-)
+from tl import cli
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     from tl.classifiers import CLASSIFIERS, NORMALIZATIONS
     from tl.evaluation import OUT_OF_CORE, PROTOCOLS, ComparisonSettings
 
     defaults = ComparisonSettings()
-    parser = ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Compare classifiers on the CNN codes of each layer of a feature "
         "store, with honest evaluation; save the winner.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "store", nargs="?", help="feature store written by extract_features.py"
@@ -41,7 +34,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "-c",
         "--classifiers",
-        action=ListOption,
+        action=cli.ListOption,
         positional="store",
         default=list(defaults.classifiers),
         choices=list(CLASSIFIERS),
@@ -49,7 +42,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "-l",
         "--layers",
-        action=ListOption,
+        action=cli.ListOption,
         positional="store",
         default=defaults.layers,
         help="store layers [all]",
@@ -63,7 +56,7 @@ def build_parser() -> ArgumentParser:
         default=defaults.pca,
         help="keep this many principal components",
     )
-    add_class_weight_option(
+    cli.add_class_weight_option(
         parser, "balanced: weight classes inversely to their frequency"
     )
     evaluation = parser.add_argument_group("evaluation")
@@ -90,7 +83,7 @@ def build_parser() -> ArgumentParser:
     )
     evaluation.add_argument(
         "--shots",
-        action=ListOption,
+        action=cli.ListOption,
         positional="store",
         type=int,
         default=list(defaults.shots),
@@ -138,7 +131,7 @@ def _command(args: argparse.Namespace) -> int:
 
     if not args.store:
         raise TLError("Give the feature store to train on (see extract_features.py).")
-    output = check_output(
+    output = cli.check_output(
         args.output_dir or Path("results") / Path(args.store).stem,
         "--output-dir",
         folder=True,
@@ -184,7 +177,7 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser, _command, argv)
+    return cli.run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 from conftest import SMALL, write_png_tree
 
+import tl.backbones
 import tl.finetune
 from tl.backbones import BackboneSettings
 from tl.errors import TLError
@@ -96,7 +97,9 @@ def built(monkeypatch):
         raise Built
 
     monkeypatch.setattr(tl.finetune, "build_model", record_model)
-    monkeypatch.setattr(tl.finetune, "build_backbone", record_backbone)
+    monkeypatch.setattr(tl.backbones, "build_backbone", record_backbone)
+    # where a tl that imported it by name calls it
+    monkeypatch.setattr(tl.finetune, "build_backbone", record_backbone, raising=False)
     return seen
 
 

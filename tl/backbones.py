@@ -213,6 +213,17 @@ class BackboneSettings(FlatSettings):
     def spec(self) -> BackboneSpec:
         return get_backbone(self.name)
 
+    def build(self, image_size: tuple[int, int]) -> tuple[keras.Model, WeightsInfo]:
+        """The backbone these settings name, built at `image_size` (see
+        `build_backbone`)."""
+        return build_backbone(
+            self.spec,
+            image_size,
+            self.weights,
+            precision=self.precision,
+            seed=self.seed,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightsInfo:

@@ -263,12 +263,17 @@ _TRAILING = "_tl_trailing_values"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors, and list options that leave the positional alone.
+    """argparse with one-line errors, defaults shown in --help, and list options that
+    leave the positional alone.
 
     Errors raise `TLError`, which `run_cli` prints as one line (exit code 2).
     Options with `action=ListOption` keep only their leading values; the rest go to
     their positional when it is otherwise missing, so `-c logreg STORE` works.
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise TLError(f"{message}; see --help.")

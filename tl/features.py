@@ -31,7 +31,6 @@ from tl.backbones import (
     BackboneSpec,
     Tap,
     WeightsInfo,
-    build_backbone,
     layer_taps,
     resolve_layers,
 )
@@ -320,14 +319,8 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
     read: unknown backbone or layer, missing weights, bad sizes.
     """
     settings = settings.resolved()
-    spec, network = settings.backbone.spec, settings.backbone
-    backbone, weights = build_backbone(
-        spec,
-        settings.image.size,
-        network.weights,
-        precision=network.precision,
-        seed=network.seed,
-    )
+    spec = settings.backbone.spec
+    backbone, weights = settings.backbone.build(settings.image.size)
     taps = resolve_layers(layer_taps(backbone, spec), list(settings.layers), spec.name)
     poolings = parse_poolings(settings.pooling, len(taps))
     model = build_extractor(backbone, spec, taps, poolings, settings.dtype)

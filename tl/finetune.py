@@ -69,7 +69,6 @@ from tl.backbones import (
     BackboneSettings,
     BackboneSpec,
     WeightsInfo,
-    build_backbone,
     get_backbone,
     layer_taps,
     resolve_layers,
@@ -511,17 +510,10 @@ def build_model(
     weight is trainable).
     """
     settings = settings.resolved()
-    network = settings.backbone
-    spec = network.spec
-    # Outside the strategy's scope: build_backbone clears Keras' session, which a
+    spec = settings.backbone.spec
+    # Outside the strategy's scope: building clears Keras' session, which a
     # surrounding scope does not survive.
-    backbone, weights = build_backbone(
-        spec,
-        settings.image.size,
-        network.weights,
-        precision=network.precision,
-        seed=network.seed,
-    )
+    backbone, weights = settings.backbone.build(settings.image.size)
     with (strategy or tf.distribute.get_strategy()).scope():
         if tf.distribute.has_strategy():
             backbone = _copy_into_scope(backbone)
