@@ -71,16 +71,16 @@ def vgg16_weights() -> str:
 def inference_rate(settings: ExtractionSettings, images: int) -> float:
     """Images/s of the compiled extractor on an in-memory batch (steady state)."""
     extractor = load_extractor(settings)
-    run = compiled_extractor(extractor.model)
+    codes_of = compiled_extractor(extractor.model)
     height, width = extractor.settings.image.size
     batch = tf.constant(
         np.random.default_rng(0).uniform(0, 255, (BATCH, height, width, 3)), tf.float32
     )
-    {key: value.numpy() for key, value in run(batch).items()}  # trace and warm up
+    {key: value.numpy() for key, value in codes_of(batch).items()}  # trace, warm up
     batches = max(1, math.ceil(images / BATCH) - 1)
     began = time.perf_counter()
     for _ in range(batches):
-        {key: value.numpy() for key, value in run(batch).items()}
+        {key: value.numpy() for key, value in codes_of(batch).items()}
     return batches * BATCH / (time.perf_counter() - began)
 
 

@@ -51,6 +51,8 @@ def test_keyword_overrides_reach_the_parts_through_one_mapping():
     assert whole.image == ImageSettings((40, 40), resize="pad")
     with pytest.raises(TLError, match=r"Unknown setting 'imagesize'.*'image_size'"):
         base.updated(imagesize=64)
+    with pytest.raises(TLError, match=r"backbone must be a BackboneSettings.*create"):
+        ExtractionSettings(backbone="resnet50")
 
 
 def test_the_image_size_follows_the_backbone_until_it_is_set():

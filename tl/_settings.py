@@ -130,6 +130,19 @@ class FlatSettings:
         }
         return {**defaults, **values}
 
+    def check_parts(self) -> None:
+        """Refuse a part given as something else (`backbone="vgg16"` to the
+        constructor, which takes a `BackboneSettings`): for the owners'
+        `__post_init__`."""
+        for name, part in self._parts().items():
+            value = getattr(self, name)
+            if not isinstance(value, part):
+                raise TLError(
+                    f"{type(self).__name__}'s {name} must be a {part.__name__}, got "
+                    f"{value!r}; for flat keys use {type(self).__name__}.create("
+                    f"{name}=...) or .updated({name}=...)."
+                )
+
     @classmethod
     def _check_keys(cls, values: dict[str, Any]) -> None:
         known = cls.json_keys() | cls._parts().keys()

@@ -247,6 +247,7 @@ class ExtractionSettings(FlatSettings):
         def set_(name, value):
             object.__setattr__(self, name, value)
 
+        self.check_parts()
         set_(
             "layers",
             (self.layers,) if isinstance(self.layers, str) else tuple(self.layers),

@@ -244,6 +244,7 @@ class FineTuneSettings(FlatSettings):
         def set_(name, value):
             object.__setattr__(self, name, value)
 
+        self.check_parts()
         set_("unfreeze", str(self.unfreeze))
         set_("augment", tuple(self.augment))
         if self.class_weight == "none":  # as the command line spells it
