@@ -98,6 +98,7 @@ def build_parser() -> cli.ArgumentParser:
     schedule.add_argument(
         "--head-lr",
         dest="head_learning_rate",
+        metavar="LR",
         type=float,
         default=defaults.head_learning_rate,
         help="stage 1 learning rate",
@@ -105,6 +106,7 @@ def build_parser() -> cli.ArgumentParser:
     schedule.add_argument(
         "--lr",
         dest="learning_rate",
+        metavar="LR",
         type=float,
         default=defaults.learning_rate,
         help="stage 2 peak learning rate",

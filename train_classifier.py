@@ -68,7 +68,12 @@ def build_parser() -> cli.ArgumentParser:
         "cv: nested cross-validation",
     )
     evaluation.add_argument(
-        "--cv", dest="folds", type=int, default=defaults.folds, help="folds"
+        "--cv",
+        dest="folds",
+        metavar="K",
+        type=int,
+        default=defaults.folds,
+        help="folds of the stratified k-fold cross-validation",
     )
     evaluation.add_argument("--test-size", type=float, default=defaults.test_size)
     evaluation.add_argument(
@@ -109,6 +114,7 @@ def build_parser() -> cli.ArgumentParser:
     run.add_argument(
         "--memory-limit",
         dest="memory_limit_gb",
+        metavar="GB",
         type=float,
         default=defaults.memory_limit_gb,
         help="GB: larger layers are trained out of core in auto mode",
