@@ -13,17 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tl.cli import ArgumentParser, ListOption, check_output, default_output, run_cli
+from tl import cli
+from tl._checks import ParameterError
 from tl.errors import TLError
 
 
-def build_parser() -> ArgumentParser:
-    from tl.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, RESIZE_MODES
+def build_parser() -> cli.ArgumentParser:
+    from tl.features import OUTPUT_DTYPES, ExtractionSettings
+    from tl.store import COMPRESSIONS
 
-    parser = ArgumentParser(
+    defaults = ExtractionSettings()
+    parser = cli.ArgumentParser(
         description="Extract CNN codes of several layers in one forward pass into an "
         "HDF5 feature store. Re-running the same command resumes an interrupted run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "source",
@@ -37,65 +39,37 @@ def build_parser() -> ArgumentParser:
         help="feature store to write [features/<source>_<backbone>.h5]",
     )
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "-b", "--backbone", default="vgg16", help="backbone name (see --list-backbones)"
+    cli.add_backbone_options(
+        model,
+        defaults.backbone,
+        backbone_help="backbone name (see --list-backbones); vgg16 gives the classic "
+        "CNN codes, one pooled block per alias",
     )
     model.add_argument(
         "-l",
         "--layers",
-        action=ListOption,
+        action=cli.ListOption,
         positional="source",
-        default=["last"],
+        default=list(defaults.layers),
         help="layer aliases or Keras layer names (see --list-layers)",
     )
     model.add_argument(
         "-p",
         "--pooling",
-        action=ListOption,
+        action=cli.ListOption,
         positional="source",
-        default=["avg"],
+        default=list(defaults.pooling),
         help="avg, max, avgmax, flatten, none or grid:GHxGW; one for "
         "all layers or one per layer",
     )
     model.add_argument(
-        "-w",
-        "--weights",
-        default="imagenet",
-        help="imagenet, none (random, for tests) or a weights file",
-    )
-    model.add_argument(
-        "--precision",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute precision",
-    )
-    model.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "float16"],
+        default=defaults.dtype,
+        choices=OUTPUT_DTYPES,
         help="stored precision of the codes",
     )
-    model.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="random initialisation seed (--weights none)",
-    )
     images = parser.add_argument_group("images")
-    images.add_argument("-s", "--image-size", help="N or HxW [the backbone's default]")
-    images.add_argument("--resize", default="squash", choices=RESIZE_MODES)
-    images.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS)
-    images.add_argument(
-        "--antialias",
-        action="store_true",
-        help="low-pass filter when downscaling (slower)",
-    )
-    images.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="refuse larger images without decoding them",
-    )
+    cli.add_image_options(images, defaults.image)
     images.add_argument(
         "--unlabeled",
         action="store_true",
@@ -103,7 +77,11 @@ def build_parser() -> ArgumentParser:
     )
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none")
+    run.add_argument(
+        "--compression",
+        choices=[str(c).lower() for c in COMPRESSIONS],
+        default="none",
+    )
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -127,17 +105,7 @@ def build_parser() -> ArgumentParser:
         help="join complete shard files into --output and exit",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    info = parser.add_argument_group("information")
-    info.add_argument(
-        "--list-backbones",
-        action="store_true",
-        help="list the known backbones and exit",
-    )
-    info.add_argument(
-        "--list-layers",
-        metavar="BACKBONE",
-        help="list aliases and layers of BACKBONE (at --image-size) and exit",
-    )
+    cli.add_info_options(parser)
     return parser
 
 
@@ -146,53 +114,37 @@ def _shard(text: str | None) -> tuple[int, int] | None:
         return None
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit()):
-        raise TLError(f"--shard must look like I/N (e.g. 0/4), got {text!r}.")
+        raise ParameterError("shard", "I/N (e.g. 0/4)", text)
     return int(index), int(count)
 
 
 def _command(args: argparse.Namespace) -> int:
-    from tl import backbones, features, store
-    from tl.precision import half_precision_hint
+    from tl import features, store
 
-    if args.list_backbones:
-        print(backbones.describe_backbones())
-        return 0
-    if args.list_layers:
-        size = features.ExtractionSettings(image_size=args.image_size).image_size
-        print(backbones.describe_layers(args.list_layers, size))
+    if cli.handle_info(args):
         return 0
     options = {"batch_size": args.batch_size, "progress": not args.quiet}
     if args.merge:
         if not args.output:
             raise TLError("--merge needs --output, the merged store to write.")
-        output = check_output(args.output, "--output")
+        output = cli.check_output(args.output, "--output")
         store.merge_stores(args.merge, output, overwrite=args.overwrite)
         print(f"merged {len(args.merge)} shards into {output}")
         return 0
     if args.resume:
-        result = features.resume(check_output(args.resume, "--resume"), **options)
+        result = features.resume(cli.check_output(args.resume, "--resume"), **options)
     else:
         if not args.source:
             raise TLError("Give an image folder or CSV to extract (or --resume STORE).")
-        output = check_output(
-            args.output
-            or default_output("features", args.source, args.backbone, ".h5"),
-            "--output",
+        settings = features.ExtractionSettings.from_json(
+            {**vars(args), "labels": None if args.unlabeled else "inferred"}
         )
-        settings = features.ExtractionSettings(
-            backbone=args.backbone,
-            layers=args.layers,
-            pooling=args.pooling,
-            image_size=args.image_size,
-            resize=args.resize,
-            interpolation=args.interpolation,
-            antialias=args.antialias,
-            max_pixels=args.max_pixels,
-            weights=args.weights,
-            precision=args.precision,
-            dtype=args.dtype,
-            labels=None if args.unlabeled else "inferred",
-            seed=args.seed,
+        output = cli.check_output(
+            args.output
+            or cli.default_output(
+                "features", args.source, settings.backbone.name, ".h5"
+            ),
+            "--output",
         )
         result = features.extract(
             args.source,
@@ -207,14 +159,13 @@ def _command(args: argparse.Namespace) -> int:
         f"{result.path}: {result.rows} rows, {len(result.skipped)} skipped"
         + (f", {result.images_per_second:.1f} images/s" if result.seconds else "")
     )
-    hint = result.seconds and half_precision_hint(args.precision, args.backbone)
-    if hint:  # after the work: a refusal of bad input stays one line
-        print(f"hint: {hint}", file=sys.stderr)
+    if result.seconds:
+        cli.print_precision_hint(result.settings.backbone)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _command(build_parser().parse_args(argv)))
+    return cli.run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tl.cli import ArgumentParser, check_output, run_cli
+from tl import cli
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         description="Classify images with a saved tl model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", help="folder of a saved model (e.g. .../best_model)")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
@@ -34,7 +33,7 @@ def build_parser() -> ArgumentParser:
 def _command(args: argparse.Namespace) -> int:
     from tl.prediction import predict_images
 
-    output = check_output(args.output, "-o/--output")
+    output = cli.check_output(args.output, "-o/--output")
     table = predict_images(
         args.model, args.inputs, batch_size=args.batch_size, progress=not args.quiet
     )
@@ -52,7 +51,7 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _command(build_parser().parse_args(argv)))
+    return cli.run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

@@ -71,16 +71,16 @@ def vgg16_weights() -> str:
 def inference_rate(settings: ExtractionSettings, images: int) -> float:
     """Images/s of the compiled extractor on an in-memory batch (steady state)."""
     extractor = load_extractor(settings)
-    run = compiled_extractor(extractor.model)
-    height, width = extractor.settings.image_size
+    codes_of = compiled_extractor(extractor.model)
+    height, width = extractor.settings.image.size
     batch = tf.constant(
         np.random.default_rng(0).uniform(0, 255, (BATCH, height, width, 3)), tf.float32
     )
-    {key: value.numpy() for key, value in run(batch).items()}  # trace and warm up
+    {key: value.numpy() for key, value in codes_of(batch).items()}  # trace, warm up
     batches = max(1, math.ceil(images / BATCH) - 1)
     began = time.perf_counter()
     for _ in range(batches):
-        {key: value.numpy() for key, value in run(batch).items()}
+        {key: value.numpy() for key, value in codes_of(batch).items()}
     return batches * BATCH / (time.perf_counter() - began)
 
 
@@ -130,7 +130,7 @@ def section_a(results: dict, images: int, weights_vgg: str) -> None:
         ("mobilenetv2", 0.8),
         ("efficientnetb0", 0.8),
     ]:
-        settings = ExtractionSettings(
+        settings = ExtractionSettings.create(
             backbone=backbone,
             weights=weights_vgg if backbone == "vgg16" else "none",
             layers=["last"],
@@ -161,7 +161,7 @@ def section_b(results: dict, images: int, weights_vgg: str) -> None:
     for backbone, weights, layers in cases:
         rates = {}
         for label, selected in (("1 layer", layers[-1:]), ("3 layers", layers)):
-            settings = ExtractionSettings(
+            settings = ExtractionSettings.create(
                 backbone=backbone, weights=weights, layers=selected, image_size=224
             )
             rates[label], _ = extraction_rate(folder, settings, OUT / "b.h5")
@@ -244,7 +244,7 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
     layers = ["block3_pool", "block4_pool", "block5_pool"]
     figures, stores = {}, {}
     for precision in ("float32", "bfloat16"):
-        settings = ExtractionSettings(
+        settings = ExtractionSettings.create(
             backbone="vgg16",
             weights=weights_vgg,
             layers=layers,
@@ -292,7 +292,7 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
     for backbone in ("resnet50", "mobilenetv2", "efficientnetb0"):
         rates = {
             precision: inference_rate(
-                ExtractionSettings(
+                ExtractionSettings.create(
                     backbone=backbone,
                     weights="none",
                     image_size=224,

@@ -59,20 +59,12 @@ def settings(**overrides):
         layers=("block2", "block3", "block5"),
         pooling="avg",
     )
-    return ExtractionSettings(**{**base, **overrides})
+    return ExtractionSettings.create(**{**base, **overrides})
 
 
-STORE_SETTINGS = {
-    "backbone": "vgg16",
-    "weights": "none",
-    "seed": 0,
-    "weights_sha256": None,
-    "image_size": [32, 32],
-    "resize": "squash",
-    "interpolation": "bilinear",
-    "antialias": False,
-    "precision": "float32",
-}
+def store_settings(**overrides) -> dict:
+    """The settings a store of `settings(**overrides)` records."""
+    return {**settings(**overrides).to_json(), "weights_sha256": None}
 
 
 def write_store(path, layers, labels, class_names, settings=None, complete=True):
@@ -97,7 +89,7 @@ def write_store(path, layers, labels, class_names, settings=None, complete=True)
     ]
     writer = StoreWriter.create(
         path,
-        settings=settings or STORE_SETTINGS,
+        settings=settings or store_settings(),
         provenance={},
         layers=infos,
         class_names=class_names,

@@ -102,30 +102,33 @@ def test_writes_leaderboard_results_plots_and_models(trained, capsys):
 
 
 def test_saved_model_predicts_like_the_winner_on_the_store(trained):
+    """The saved model is the leaderboard's winner: the same predictions as its
+    pipeline refit independently on the training rows with the chosen parameters,
+    and the reported test accuracy on the held-out rows."""
     model = load_classifier(trained["output"] / "best_model")
+    best = pd.read_csv(trained["output"] / "leaderboard.csv").iloc[0]
+    assert (model.layer, model.metadata["classifier"]) == (best.layer, best.classifier)
     with FeatureStore(trained["store"]) as store:
         model.check_codes(store)
-        codes = store.read(model.layer)
-    leaderboard = pd.read_csv(trained["output"] / "leaderboard.csv")
-    assert (model.layer, model.metadata["classifier"]) == tuple(
-        leaderboard.iloc[0][["layer", "classifier"]]
-    )
-    assert len(model.predict(codes)) == len(codes)
+        codes, labels = store.read(model.layer).astype(np.float64), store.labels
+    run = json.loads((trained["output"] / "run.json").read_text())
+    test = np.array(run["split"]["test_rows"])
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    params = {f"classifier__{k}": v for k, v in json.loads(best.params).items()}
+    winner = make_pipeline(best.classifier).set_params(**params)
+    winner.fit(codes[train], labels[train])
+    predicted = model.predict(codes)
+    np.testing.assert_array_equal(predicted, winner.predict(codes))
+    accuracy = (predicted[test] == labels[test]).mean()
+    assert accuracy == pytest.approx(best.test_accuracy)
 
 
 def test_predict_on_images_equals_extract_then_classify(trained, tmp_path):
-    (trained["images"] / "bee" / "zz_broken.png").write_bytes(b"\x89PNG nope")
+    images = shutil.copytree(trained["images"], tmp_path / "images")
+    (images / "bee" / "zz_broken.png").write_bytes(b"\x89PNG nope")
     csv = tmp_path / "predictions.csv"
-    code = predict.main(
-        [
-            str(trained["output"] / "best_model"),
-            str(trained["images"]),
-            "-o",
-            str(csv),
-            "-q",
-        ]
-    )
-    (trained["images"] / "bee" / "zz_broken.png").unlink()
+    model_dir = str(trained["output"] / "best_model")
+    code = predict.main([model_dir, str(images), "-o", str(csv), "-q"])
     assert code == 0
     table = pd.read_csv(csv, keep_default_na=False)
     model = load_classifier(trained["output"] / "best_model")
@@ -163,25 +166,21 @@ def test_predict_shows_absolute_paths_of_files_given_one_by_one(
 
 
 def test_predict_refuses_when_the_weights_file_changed(trained, tmp_path, capsys):
-    weights = trained["weights"]
-    original = weights.read_bytes()
-    keras.utils.set_random_seed(2)
+    folder = copy_of_best_model(trained, tmp_path)
+    weights = tmp_path / "vgg16.weights.h5"
+    edit_json(folder, lambda m: m["extraction"].update(weights=str(weights)))
+    keras.utils.set_random_seed(2)  # other weights than the model was trained with
     keras.applications.VGG16(
         include_top=False, weights=None, input_shape=(SMALL, SMALL, 3)
     ).save_weights(weights)
-    try:
-        code = predict.main(
-            [
-                str(trained["output"] / "best_model"),
-                str(trained["images"]),
-                "-o",
-                str(tmp_path / "p.csv"),
-            ]
-        )
-    finally:
-        weights.write_bytes(original)
-    assert code == 2
-    assert "weights differ" in capsys.readouterr().err
+    code = predict_with(folder, trained, tmp_path)
+    trained_with = json.loads((folder / "metadata.json").read_text())["extraction"]
+    assert_one_line_error(
+        capsys,
+        code,
+        f"weights_sha256: at training {trained_with['weights_sha256']!r}, now",
+        f"Use the weights file it was trained with ({str(weights)!r})",
+    )
 
 
 def test_incomplete_store_is_refused_with_how_to_finish(tmp_path, png_tree, capsys):

@@ -46,7 +46,7 @@ def test_errors_exit_2_with_a_message_before_reading_images(png_tree, tmp_path, 
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_resume_flag_and_shards_and_merge(png_tree, tmp_path):
+def test_resume_flag_and_shards_and_merge(png_tree, tmp_path, capsys):
     shards = [str(tmp_path / f"s{i}.h5") for i in range(2)]
     for i, shard in enumerate(shards):
         args = [str(png_tree), *COMMON, "--shard", f"{i}/2", "--output", shard]
@@ -60,9 +60,12 @@ def test_resume_flag_and_shards_and_merge(png_tree, tmp_path):
         np.testing.assert_allclose(
             a.read("block5_pool"), b.read("block5_pool"), rtol=1e-5
         )
-    assert (
-        extract_features.main(["--resume", str(single), "-q"]) == 0
-    )  # complete: no-op
+    before, modified = single.read_bytes(), single.stat().st_mtime_ns
+    capsys.readouterr()
+    assert extract_features.main(["--resume", str(single), "-q"]) == 0
+    assert f"{single} is already complete; nothing to do." in capsys.readouterr().err
+    assert single.read_bytes() == before
+    assert single.stat().st_mtime_ns == modified
 
 
 def _random_pixels(seed):

@@ -154,7 +154,7 @@ def test_metadata_records_how_codes_were_made(png_tree, tmp_path, vgg_weights):
         provenance = store.provenance
         assert provenance["weights"]["source"] == "file"
         assert provenance["preprocessing"] == "caffe"
-        assert provenance["keras_version"] == keras.__version__
+        assert provenance["versions"]["keras"] == keras.__version__
         info = {i["requested"]: i for i in store.layer_info}
         assert info["block3"]["layer"] == "block3_pool"
         assert info["block3"]["raw_shape"] == [4, 4, 256]

@@ -72,7 +72,7 @@ def weights_of(layer) -> dict[str, np.ndarray]:
 # A VGG16 run: training, outputs, prediction, resume
 
 
-VGG_SETTINGS = FineTuneSettings(
+VGG_SETTINGS = FineTuneSettings.create(
     backbone="vgg16", weights="none", image_size=SMALL, head_epochs=2, epochs=2,
     unfreeze="block5", batch_size=4, head_learning_rate=1e-2, dropout=0.3,
     augment=("flip", "contrast"), val_split=0.2, test_split=0.25,
@@ -427,7 +427,7 @@ def test_init_head_predicts_what_the_saved_probe_predicts(
     name = f"{classifier}_{normalization}_{pca}_{whiten}_{binary}"
     saved, codes = save_probe(root, name, classifier, normalization, pca,
                               binary=binary, whiten=whiten)  # fmt: skip
-    settings = FineTuneSettings(
+    settings = FineTuneSettings.create(
         backbone="vgg16", weights="none", image_size=SMALL, init_head=str(root / name)
     )
     names = saved.class_names
@@ -560,7 +560,7 @@ def test_unfreeze_selects_blocks_layers_and_fractions():
 
 
 def test_l2_sp_penalises_distance_to_the_pretrained_weights_of_trained_layers():
-    settings = FineTuneSettings(
+    settings = FineTuneSettings.create(
         backbone="vgg16", weights="none", image_size=SMALL, l2_sp=0.1,
         unfreeze="block5",
     )  # fmt: skip
@@ -585,8 +585,8 @@ def test_balanced_class_weights_match_scikit_learn():
 def test_half_precision_model_keeps_a_float32_head():
     base = dict(backbone="vgg16", weights="none", image_size=SMALL, dropout=0.0)
     pixels = np.random.default_rng(0).uniform(0, 255, (4, SMALL, SMALL, 3))
-    full = build_model(FineTuneSettings(**base), 3).model
-    half = build_model(FineTuneSettings(**base, precision="bfloat16"), 3).model
+    full = build_model(FineTuneSettings.create(**base), 3).model
+    half = build_model(FineTuneSettings.create(**base, precision="bfloat16"), 3).model
     assert half.get_layer("backbone").compute_dtype == "bfloat16"
     assert half.get_layer("logits").compute_dtype == "float32"
     outputs = np.asarray(half(pixels.astype("float32")))
@@ -598,8 +598,7 @@ def test_half_precision_model_keeps_a_float32_head():
     "arguments, message",
     [
         (["--unfreeze", "conv9"], "Unknown layer 'conv9' for vgg16"),
-        (["--unfreeze", "1.5"], "a fraction of layers must be in (0, 1]"),
-        (["--val-split", "1"], "--val-split must be in [0, 1), got 1.0"),
+        (["--val-split", "1"], "The --val-split option must be in [0, 1). Got 1.0"),
         (["--head-epochs", "0", "--epochs", "0"], "Nothing to train"),
     ],
 )

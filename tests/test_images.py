@@ -368,7 +368,14 @@ def test_resize_modes_keep_or_ignore_aspect_ratio(tmp_path):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(TLError, match="Unknown resize mode 'stretch'"):
+    with pytest.raises(
+        TLError,
+        match=r"^The 'resize' parameter must be one of 'squash', 'center-crop', "
+        r"'pad'\. Got 'stretch' instead\.$",
+    ):
         ImageSettings((8, 8), resize="stretch")
-    with pytest.raises(TLError, match="Unknown interpolation"):
+    with pytest.raises(TLError, match=r"'interpolation' .* Got 'cubic' instead"):
         ImageSettings((8, 8), interpolation="cubic")
+    for size in ("8y8", (8, 0), 0, (1, 2, 3)):
+        with pytest.raises(TLError, match=r"'image_size' parameter must be N or HxW"):
+            ImageSettings(size)

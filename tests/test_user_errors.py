@@ -30,7 +30,7 @@ import extract_features
 import fine_tune
 import predict
 import train_classifier
-from tl.cli import run_cli
+from tl.cli import ArgumentParser, run_cli
 from tl.features import extract
 
 NAMES = ["a", "b", "c"]
@@ -141,19 +141,78 @@ def test_a_file_where_a_folder_is_expected_is_one_line(codes, tmp_path, capsys):
 
 
 def test_unexpected_os_errors_are_one_line_naming_the_file(capsys):
-    def full_disk():
+    def full_disk(args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/codes.h5")
 
-    assert_one_line_error(
-        capsys, run_cli(full_disk), "No space left on device", "'/data/codes.h5'"
-    )
+    code = run_cli(ArgumentParser, full_disk, [])
+    assert_one_line_error(capsys, code, "No space left on device", "'/data/codes.h5'")
 
-    def renamed():
+    def renamed(args):
         raise PermissionError(errno.EACCES, "Permission denied", "/a.tmp", None, "/b")
 
-    assert_one_line_error(
-        capsys, run_cli(renamed), "Permission denied", "'/a.tmp' -> '/b'"
-    )
+    code = run_cli(ArgumentParser, renamed, [])
+    assert_one_line_error(capsys, code, "Permission denied", "'/a.tmp' -> '/b'")
+
+
+@pytest.mark.parametrize(
+    "script, arguments, line",
+    [
+        (
+            "fine_tune",
+            ["--lr", "0"],
+            "error: The --lr option must be > 0. Got 0.0 instead.",
+        ),
+        (
+            "fine_tune",
+            ["--head-lr", "-1"],
+            "error: The --head-lr option must be > 0. Got -1.0 instead.",
+        ),
+        (
+            "fine_tune",
+            ["--unfreeze", "1.5"],
+            "error: The --unfreeze option must be in (0, 1]. Got 1.5 instead. To "
+            "train the head only, pass --epochs 0.",
+        ),
+        (
+            "extract",
+            ["--max-pixels", "0"],
+            "error: The --max-pixels option must be an integer >= 1. Got 0 instead.",
+        ),
+        (
+            "extract",
+            ["--image-size", "32y32"],
+            "error: The --image-size option must be N or HxW with positive sides "
+            "(e.g. 224 or 224x299). Got '32y32' instead.",
+        ),
+        (
+            "extract",
+            ["--shard", "2-2"],
+            "error: The --shard option must be I/N (e.g. 0/4). Got '2-2' instead.",
+        ),
+        (
+            "extract",
+            ["--pooling", "mean"],
+            "error: The --pooling option must be one of 'avg', 'max', 'avgmax', "
+            "'flatten', 'none' or 'grid:GHxGW' (e.g. 'grid:2x2'). Got 'mean' instead.",
+        ),
+    ],
+)
+def test_a_bad_value_is_named_by_its_option(
+    script, arguments, line, images, tmp_path, monkeypatch, capsys
+):
+    """Settings fields and options may be spelt apart (learning_rate is --lr): the
+    error names the option the user typed."""
+    monkeypatch.setattr("tl.features.extract", _never)
+    monkeypatch.setattr("tl.finetune.fine_tune", _never)
+    main = {"extract": extract_features.main, "fine_tune": fine_tune.main}[script]
+    code = main([str(images), *TINY, "-o", str(tmp_path / "out"), *arguments])
+    assert assert_one_line_error(capsys, code) == line
+
+
+def test_a_bad_value_of_a_comparison_is_named_by_its_option(codes, tmp_path, capsys):
+    code = train_classifier.main([str(codes), "-o", str(tmp_path), "--cv", "1"])
+    line = assert_one_line_error(capsys, code)
+    assert line == "error: The --cv option must be an integer >= 2. Got 1 instead."
 
 
 # ---------------------------------------------------------------------------------

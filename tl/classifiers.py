@@ -42,7 +42,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-import tl
+from tl._checks import check_choice
 from tl.errors import TLError
 from tl.model_folder import (
     METADATA,
@@ -54,11 +54,13 @@ from tl.model_folder import (
     require_keys,
     unreadable,
 )
+from tl.provenance import identity_differences, layer_identity, library_versions
 
 MODEL_FORMAT = "tl-classifier"
 MODEL_SCHEMA_VERSION = 2  # 1: a pickle (model.joblib), no longer loaded
 MODEL_FILE = "model.skops"
 NORMALIZATIONS = ("standard", "l2", "none")
+CLASS_WEIGHTS = (None, "balanced")
 
 
 class RelativeGammaSVC(ClassifierMixin, BaseEstimator):
@@ -212,12 +214,9 @@ def as_features(codes: np.ndarray) -> np.ndarray:
     return np.asarray(codes, np.float64).reshape(len(codes), -1)
 
 
-def get_classifier(name: str) -> ClassifierSpec:
-    if name not in CLASSIFIERS:
-        raise TLError(
-            f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}."
-        )
-    return CLASSIFIERS[name]
+def get_classifier(name: str, parameter: str = "classifier") -> ClassifierSpec:
+    """The registered classifier `name` (`parameter` names it in the error)."""
+    return CLASSIFIERS[check_choice(parameter, name, CLASSIFIERS)]
 
 
 def make_pipeline(
@@ -239,13 +238,8 @@ def make_pipeline(
         seed: random state of the estimators that have one.
     """
     spec = get_classifier(classifier)
-    if normalization not in NORMALIZATIONS:
-        raise TLError(
-            f"Unknown normalization {normalization!r}; choose from "
-            f"{', '.join(NORMALIZATIONS)}."
-        )
-    if class_weight not in (None, "balanced"):
-        raise TLError(f"class_weight must be None or 'balanced', got {class_weight!r}.")
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("class_weight", class_weight, CLASS_WEIGHTS)
     normalizer = {
         "standard": StandardScaler(),
         "l2": Normalizer(),
@@ -269,46 +263,6 @@ def param_grid(classifier: str) -> dict[str, list]:
 # Saved models
 
 
-def library_versions() -> dict[str, str]:
-    import h5py
-    import keras
-    import tensorflow as tf
-
-    return {
-        "tl": tl.__version__,
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "skops": skops.__version__,
-        "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-        "h5py": h5py.__version__,
-    }
-
-
-# Settings that change the codes of one layer (besides its own layer and pooling).
-_CODE_SETTINGS = (
-    "backbone",
-    "weights",
-    "weights_sha256",
-    "seed",
-    "image_size",
-    "resize",
-    "interpolation",
-    "antialias",
-    "precision",
-)
-
-
-def codes_identity(settings: dict, layer_info: dict) -> dict:
-    """What determines the codes of one layer of a store: compare these to match."""
-    identity = {key: settings.get(key) for key in _CODE_SETTINGS}
-    if settings.get("weights") != "none":
-        identity.pop("seed")  # the seed only matters for random weights
-    identity["layer"] = layer_info["layer"]
-    identity["pooling"] = layer_info["pooling"]
-    return identity
-
-
 @dataclasses.dataclass
 class SavedClassifier:
     """A fitted pipeline with the provenance of the codes it was trained on."""
@@ -330,7 +284,8 @@ class SavedClassifier:
 
     @property
     def identity(self) -> dict:
-        return codes_identity(self.metadata["extraction"], self.layer_info)
+        """What the codes it classifies must match (`tl.provenance.layer_identity`)."""
+        return layer_identity(self.metadata["extraction"], self.layer_info)
 
     def check_codes(self, store) -> None:
         """Refuse a `FeatureStore` whose codes for this layer were made differently."""
@@ -340,12 +295,11 @@ class SavedClassifier:
                 f"{str(store.path)!r} has no layer {self.layer!r} (it has "
                 f"{', '.join(infos)}); the model was trained on that layer."
             )
-        theirs = codes_identity(store.settings, infos[self.layer])
-        differences = [
-            f"{key}: model has {value!r}, store has {theirs.get(key)!r}"
-            for key, value in self.identity.items()
-            if theirs.get(key) != value
-        ]
+        differences = identity_differences(
+            self.identity,
+            layer_identity(store.settings, infos[self.layer]),
+            names=("model has", "store has"),
+        )
         if differences:
             raise TLError(
                 f"The codes in {str(store.path)!r} were made differently from those "

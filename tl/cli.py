@@ -1,8 +1,11 @@
-"""What the command-line scripts share: logging, clean errors, default outputs.
+"""What the command-line scripts share: `main`, options, clean errors, outputs.
 
-Every user error is one line, `error: ...`, and exit code 2: `TLError`s, argument
-errors (`ArgumentParser`), outputs that cannot be written (`check_output`, called
-before any expensive work) and the OS refusing a file later on (`run_cli`).
+Every script's `main(argv)` is `run_cli(build_parser, command, argv)`. Every user
+error is one line, `error: ...`, and exit code 2: `TLError`s (a bad parameter named
+by its option), argument errors (`ArgumentParser`), outputs that cannot be written
+(`check_output`, called before any expensive work) and the OS refusing a file later
+on. The options the scripts share (backbone, images, `--list-*`) are declared once
+here, with their defaults taken from the settings dataclasses.
 """
 
 from __future__ import annotations
@@ -14,8 +17,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from tl._checks import ParameterError
 from tl.errors import TLError
+
+if TYPE_CHECKING:
+    from tl.backbones import BackboneSettings
+    from tl.images import ImageSettings
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -76,10 +85,19 @@ def describe_os_error(error: OSError) -> str:
     return " ".join(text.split())
 
 
-def run_cli(command: Callable[[], int | None]) -> int:
-    """Run a script's command: tl errors, and files the operating system refuses
-    (no space, no permission, a read-only file system), become one line on stderr
-    and exit code 2; Ctrl-C exits 130 with a note (the work done so far is kept)."""
+def run_cli(
+    build_parser: Callable[[], argparse.ArgumentParser],
+    command: Callable[[argparse.Namespace], int | None],
+    argv: list[str] | None = None,
+) -> int:
+    """A script's `main`: parse `argv` with `build_parser()`, then run `command`.
+
+    tl errors, argument errors and files the operating system refuses (no space, no
+    permission, a read-only file system) become one line on stderr and exit code 2;
+    a bad parameter value is named by its option (`--lr`, not `learning_rate`).
+    Ctrl-C exits 130 with a note (the work done so far is kept). TensorFlow starts
+    only once the arguments parsed, so `--help` and argument errors stay quick.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("tl")
@@ -88,9 +106,14 @@ def run_cli(command: Callable[[], int | None]) -> int:
     logger.propagate = False
     from tl._tensorflow import start_tensorflow
 
+    parser = build_parser()
     try:
+        args = parser.parse_args(argv)
         start_tensorflow()
-        return command() or 0
+        return command(args) or 0
+    except ParameterError as error:
+        print(f"error: {_with_option(parser, error)}", file=sys.stderr)
+        return EXIT_ERROR
     except TLError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
@@ -106,6 +129,133 @@ def run_cli(command: Callable[[], int | None]) -> int:
         return EXIT_INTERRUPTED
 
 
+def _with_option(parser: argparse.ArgumentParser, error: ParameterError) -> str:
+    """The error naming the command-line option whose `dest` is the parameter."""
+    for action in parser._actions:  # argparse has no public list of its options
+        if action.dest == error.parameter and action.option_strings:
+            long = [flag for flag in action.option_strings if flag.startswith("--")]
+            return error.message(f"The {(long or action.option_strings)[0]} option")
+    return str(error)
+
+
+# ---------------------------------------------------------------------------------
+# Options the scripts share. Each option's `dest` is the settings' flat JSON key, so
+# `Settings.from_json(vars(args))` builds the settings, and an error about a
+# parameter names its option.
+
+
+def add_backbone_options(
+    parser: argparse.ArgumentParser,
+    defaults: BackboneSettings,
+    *,
+    backbone_help: str = "backbone name (see --list-backbones)",
+    seed_help: str = "random initialisation seed (--weights none)",
+) -> None:
+    """-b/--backbone, -w/--weights, --precision and --seed on `parser` (or one of
+    its argument groups), their defaults from `defaults`."""
+    from tl.precision import PRECISIONS
+
+    parser.add_argument("-b", "--backbone", default=defaults.name, help=backbone_help)
+    parser.add_argument(
+        "-w",
+        "--weights",
+        default=defaults.weights,
+        help="imagenet, none (random, for tests) or a weights file",
+    )
+    parser.add_argument(
+        "--precision",
+        default=defaults.precision,
+        choices=list(PRECISIONS),
+        help="compute precision; the half types run the layers in half precision, "
+        "with float32 weights, pooling and head",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=seed_help)
+
+
+def add_image_options(
+    parser: argparse.ArgumentParser,
+    defaults: ImageSettings,
+) -> None:
+    """-s/--image-size, --resize, --interpolation, --antialias and --max-pixels on
+    `parser` (or one of its argument groups), their defaults from `defaults`."""
+    from tl.images import INTERPOLATIONS, RESIZE_MODES
+
+    parser.add_argument(
+        "-s",
+        "--image-size",
+        default=defaults.size,
+        help="N or HxW [the backbone's default]",
+    )
+    parser.add_argument("--resize", default=defaults.resize, choices=RESIZE_MODES)
+    parser.add_argument(
+        "--interpolation", default=defaults.interpolation, choices=INTERPOLATIONS
+    )
+    parser.add_argument(
+        "--antialias",
+        action="store_true",
+        default=defaults.antialias,
+        help="low-pass filter when downscaling (slower)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=defaults.max_pixels,
+        help="refuse larger images without decoding them",
+    )
+
+
+def add_class_weight_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """--class-weight none|balanced (the settings read `none` as None)."""
+    from tl.classifiers import CLASS_WEIGHTS
+
+    parser.add_argument(
+        "--class-weight",
+        choices=[str(weight).lower() for weight in CLASS_WEIGHTS],
+        default="none",
+        help=help,
+    )
+
+
+def add_info_options(parser: argparse.ArgumentParser) -> None:
+    """--list-backbones and --list-layers (see `handle_info`)."""
+    info = parser.add_argument_group("information")
+    info.add_argument(
+        "--list-backbones", action="store_true", help="list the backbones and exit"
+    )
+    info.add_argument(
+        "--list-layers",
+        metavar="BACKBONE",
+        help="list the aliases and layers of BACKBONE (at --image-size) and exit",
+    )
+
+
+def handle_info(args: argparse.Namespace) -> bool:
+    """Print what --list-backbones or --list-layers asked for; whether it did."""
+    from tl.backbones import describe_backbones, describe_layers, get_backbone
+    from tl.images import ImageSettings
+
+    if args.list_backbones:
+        print(describe_backbones())
+        return True
+    if args.list_layers:
+        spec = get_backbone(args.list_layers)
+        image = ImageSettings.from_json(vars(args)).resolved(spec)
+        print(describe_layers(spec.name, image.size))
+        return True
+    return False
+
+
+def print_precision_hint(backbone: BackboneSettings, *, training: bool = False):
+    """After the work: a hint when this machine would run `backbone` much faster in
+    bfloat16 (`tl.precision.half_precision_hint`). Printed last, so that a refusal
+    of bad input stays one line."""
+    from tl.precision import half_precision_hint
+
+    hint = half_precision_hint(backbone.precision, backbone.name, training=training)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------
 # Argument parsing
 
@@ -113,12 +263,17 @@ _TRAILING = "_tl_trailing_values"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors, and list options that leave the positional alone.
+    """argparse with one-line errors, defaults shown in --help, and list options that
+    leave the positional alone.
 
     Errors raise `TLError`, which `run_cli` prints as one line (exit code 2).
     Options with `action=ListOption` keep only their leading values; the rest go to
     their positional when it is otherwise missing, so `-c logreg STORE` works.
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise TLError(f"{message}; see --help.")

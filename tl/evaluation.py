@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from sklearn.decomposition import IncrementalPCA
@@ -36,16 +36,19 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer
 from tqdm.auto import tqdm
 
+from tl._checks import ParameterError, check_choice, check_interval
+from tl._settings import FlatSettings
 from tl.classifiers import (
+    CLASS_WEIGHTS,
     CLASSIFIERS,
     NORMALIZATIONS,
     as_features,
-    codes_identity,
     get_classifier,
     make_pipeline,
     param_grid,
 )
 from tl.errors import TLError
+from tl.provenance import identity_differences, layer_identity
 from tl.reports import METRICS, classification_metrics, metric_rows
 from tl.store import FeatureStore
 
@@ -55,7 +58,7 @@ OUT_OF_CORE = ("auto", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
-class ComparisonSettings:
+class ComparisonSettings(FlatSettings):
     """How `compare` trains and evaluates.
 
     Attributes:
@@ -63,7 +66,7 @@ class ComparisonSettings:
         layers: store layers to compare (None: all, in store order).
         normalization: `standard`, `l2` or `none`.
         pca: keep this many principal components (None: no PCA).
-        class_weight: None or `balanced`.
+        class_weight: None or `balanced` (`none` is read as None).
         folds: k of the stratified k-fold CV (reduced, with a note, when a class
             has fewer training rows).
         protocol: `holdout` or `cv` (nested CV), see the module docstring.
@@ -98,35 +101,35 @@ class ComparisonSettings:
     drop_nonfinite: bool = False
 
     def __post_init__(self):
-        for name in self.classifiers:
-            get_classifier(name)
+        def set_(name, value):
+            object.__setattr__(self, name, value)
+
+        set_("classifiers", _names(self.classifiers))
+        set_("layers", None if self.layers is None else _names(self.layers))
+        set_("shots", tuple(self.shots))
+        if self.class_weight == "none":  # as the command line spells it
+            set_("class_weight", None)
         if not self.classifiers:
-            raise TLError(
-                f"No classifiers given; choose from {', '.join(CLASSIFIERS)}."
+            raise ParameterError(
+                "classifiers", f"some of {', '.join(CLASSIFIERS)}", self.classifiers
             )
-        if self.normalization not in NORMALIZATIONS:
-            raise TLError(
-                f"Unknown normalization {self.normalization!r}; choose from "
-                f"{', '.join(NORMALIZATIONS)}."
-            )
-        if self.protocol not in PROTOCOLS:
-            raise TLError(
-                f"Unknown protocol {self.protocol!r}; choose from "
-                f"{', '.join(PROTOCOLS)}."
-            )
-        if self.folds < 2:
-            raise TLError(f"Cross-validation needs at least 2 folds, got {self.folds}.")
-        if not 0 < self.test_size < 1:
-            raise TLError(f"test_size must be between 0 and 1, got {self.test_size}.")
+        for name in self.classifiers:
+            get_classifier(name, "classifiers")
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
+        check_choice("protocol", self.protocol, PROTOCOLS)
+        check_interval("folds", self.folds, low=2, integer=True)
+        check_interval("test_size", self.test_size, low=0, high=1, closed="neither")
         if self.shots and self.protocol != "holdout":
             raise TLError("Low-shot curves (shots) need the holdout protocol.")
-        if any(s < 1 for s in self.shots):
-            raise TLError(f"shots must be positive, got {list(self.shots)}.")
-        if self.out_of_core not in OUT_OF_CORE:
-            raise TLError(
-                f"out_of_core must be one of {', '.join(OUT_OF_CORE)}, got "
-                f"{self.out_of_core!r}."
-            )
+        for shots in self.shots:
+            check_interval("shots", shots, low=1, integer=True)
+        check_choice("out_of_core", self.out_of_core, OUT_OF_CORE)
+
+
+def _names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """One name or several, as a tuple."""
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 @dataclasses.dataclass
@@ -363,13 +366,14 @@ def _check_same_codes(store: FeatureStore, test_store: FeatureStore, layers) -> 
     for layer in layers:
         if layer not in theirs:
             raise TLError(f"The test store has no layer {layer!r}.")
-        a = codes_identity(store.settings, ours[layer])
-        b = codes_identity(test_store.settings, theirs[layer])
-        if a != b:
-            diff = [f"{k}: {a[k]!r} vs {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+        differences = identity_differences(
+            layer_identity(store.settings, ours[layer]),
+            layer_identity(test_store.settings, theirs[layer]),
+        )
+        if differences:
             raise TLError(
                 f"Layer {layer!r} was extracted differently in the test store: "
-                f"{'; '.join(diff)}."
+                f"{'; '.join(differences)}."
             )
 
 
@@ -868,9 +872,7 @@ def compare(
     Returns:
         A `ComparisonResult`; `tl.reports.write_report` turns it into files.
     """
-    settings = dataclasses.replace(
-        settings or ComparisonSettings(), **setting_overrides
-    )
+    settings = (settings or ComparisonSettings()).updated(**setting_overrides)
     opened = []
     if not isinstance(store, FeatureStore):
         store = FeatureStore(store)

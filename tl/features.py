@@ -12,43 +12,42 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import platform
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
-import h5py
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
-import tl
+from tl._checks import ParameterError, check_choice, check_interval
+from tl._settings import FlatSettings
 from tl.backbones import (
-    PREPROCESSING_MODES,
+    BackboneSettings,
     BackboneSpec,
     Tap,
     WeightsInfo,
-    build_backbone,
-    get_backbone,
     layer_taps,
-    normalize_weights,
     resolve_layers,
 )
 from tl.errors import TLError
 from tl.images import (
-    DEFAULT_MAX_PIXELS,
     ImageIndex,
     ImageSettings,
     decoded_batches,
     index_images,
 )
 from tl.locking import acquire
-from tl.precision import check_precision
+from tl.provenance import (
+    Identity,
+    codes_identity,
+    identity_differences,
+    provenance_record,
+)
 from tl.store import (
     FeatureStore,
     StoreWriter,
@@ -57,7 +56,6 @@ from tl.store import (
     refuse_foreign_file,
     repair_cut_short,
     replacement_path,
-    settings_differences,
 )
 
 log = logging.getLogger("tl")
@@ -93,9 +91,11 @@ class Pooling:
         match = re.fullmatch(r"grid:(\d+)(?:x(\d+))?", text)
         if match and int(match[1]) > 0 and int(match[2] or match[1]) > 0:
             return cls("grid", (int(match[1]), int(match[2] or match[1])))
-        raise TLError(
-            f"Unknown pooling {text!r}; choose one of avg, max, avgmax, flatten, none "
-            f"or grid:GHxGW (e.g. grid:2x2)."
+        raise ParameterError(
+            "pooling",
+            "one of 'avg', 'max', 'avgmax', 'flatten', 'none' or 'grid:GHxGW' (e.g. "
+            "'grid:2x2')",
+            text,
         )
 
     def __str__(self) -> str:
@@ -202,65 +202,52 @@ def compiled_extractor(extractor: keras.Model) -> Callable:
         input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)],
         reduce_retracing=True,
     )
-    def run(images):
+    def codes_of(images):
         return extractor(images, training=False)
 
-    return run
+    return codes_of
 
 
 # ---------------------------------------------------------------------------------
 # Settings
 
 
-def _size_pair(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    if isinstance(image_size, str):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", image_size)
-        if not match:
-            raise TLError(f"Image size must be N or HxW, got {image_size!r}.")
-        return (int(match[1]), int(match[2] or match[1]))
-    return tuple(int(side) for side in image_size)
+DEFAULT_BACKBONE = "vgg16"  # the classic CNN codes: five pooled blocks, one per alias
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractionSettings:
-    """Everything that determines the codes; stored in the feature store and compared
-    when a run resumes.
+class ExtractionSettings(FlatSettings):
+    """Everything that determines the codes; stored flat in the feature store and
+    compared when a run resumes.
+
+    Build it with parts (`ExtractionSettings(BackboneSettings("resnet50"),
+    ImageSettings(64), layers=("conv4",))`) or with flat keywords
+    (`ExtractionSettings.create(backbone="resnet50", image_size=64,
+    layers=["conv4"])`).
 
     Attributes:
-        backbone: registry name (`tl.list_backbones()`).
+        backbone: the network, its weights, precision and seed (`BackboneSettings`).
+        image: how files become inputs (`ImageSettings`; size None: the backbone's).
         layers: aliases or Keras layer names (`--list-layers BACKBONE`).
         pooling: one pooling for all layers or one per layer (see `Pooling`).
-        image_size: (height, width); None takes the backbone's default.
-        resize, interpolation, antialias, max_pixels: see `tl.images.ImageSettings`.
-        weights: `imagenet`, `none` or a weights file path.
-        precision: compute precision (`float32`, `bfloat16`, `float16`).
         dtype: stored dtype (`float32` or `float16`).
         labels: `inferred` (class sub-folders) or None (unlabeled).
-        seed: random initialisation seed (`weights=none`).
     """
 
-    backbone: str = "vgg16"
+    backbone: BackboneSettings = dataclasses.field(
+        default_factory=lambda: BackboneSettings(DEFAULT_BACKBONE)
+    )
+    image: ImageSettings = dataclasses.field(default_factory=ImageSettings)
     layers: tuple[str, ...] = ("last",)
     pooling: tuple[str, ...] = ("avg",)
-    image_size: tuple[int, int] | None = None
-    resize: str = "squash"
-    interpolation: str = "bilinear"
-    antialias: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    weights: str = "imagenet"
-    precision: str = "float32"
     dtype: str = "float32"
     labels: str | None = "inferred"
-    seed: int = 0
 
     def __post_init__(self):
         def set_(name, value):
             object.__setattr__(self, name, value)
 
+        self.check_parts()
         set_(
             "layers",
             (self.layers,) if isinstance(self.layers, str) else tuple(self.layers),
@@ -269,26 +256,12 @@ class ExtractionSettings:
             "pooling",
             tuple(str(p) for p in parse_poolings(self.pooling, len(self.layers))),
         )
-        set_("image_size", _size_pair(self.image_size))
-        set_("weights", normalize_weights(self.weights))
-        check_precision(self.precision)
-        if self.dtype not in OUTPUT_DTYPES:
-            raise TLError(
-                f"Unknown dtype {self.dtype!r}; choose one of "
-                f"{', '.join(OUTPUT_DTYPES)}."
-            )
+        check_choice("dtype", self.dtype, OUTPUT_DTYPES)
+        check_choice("labels", self.labels, ("inferred", None))
 
-    def to_json(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["layers"] = list(self.layers)
-        values["pooling"] = list(self.pooling)
-        values["image_size"] = list(self.image_size) if self.image_size else None
-        return values
-
-    @classmethod
-    def from_json(cls, values: dict) -> ExtractionSettings:
-        fields = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in fields})
+    def resolved(self) -> ExtractionSettings:
+        """These settings with the image size filled in from the backbone."""
+        return dataclasses.replace(self, image=self.image.resolved(self.backbone.spec))
 
 
 @dataclasses.dataclass
@@ -296,8 +269,7 @@ class Extractor:
     """A built backbone with its taps: what `extract` runs and `predict` reuses."""
 
     spec: BackboneSpec
-    settings: ExtractionSettings
-    image_settings: ImageSettings
+    settings: ExtractionSettings  # resolved: the image size is set
     taps: list[Tap]
     poolings: list[Pooling]
     model: keras.Model
@@ -323,8 +295,22 @@ class Extractor:
         ]
 
     def codes_settings(self) -> dict:
-        """Settings plus the resolved weights hash: what a resumed run must match."""
+        """Settings plus the resolved weights hash, as the store records them: what a
+        resumed run must match."""
         return {**self.settings.to_json(), "weights_sha256": self.weights.sha256}
+
+    def identity(
+        self, index: ImageIndex | None = None, *, hash_content: bool = False
+    ) -> Identity:
+        """The identity of the codes this extractor computes, for the images of
+        `index` when given (see `tl.provenance.codes_identity`)."""
+        return codes_identity(
+            self.settings,
+            index,
+            weights_sha256=self.weights.sha256,
+            layers=[tap.layer for tap in self.taps],
+            hash_content=hash_content,
+        )
 
 
 def load_extractor(settings: ExtractionSettings) -> Extractor:
@@ -333,27 +319,13 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
     Everything that can be wrong with the settings fails here, before any image is
     read: unknown backbone or layer, missing weights, bad sizes.
     """
-    spec = get_backbone(settings.backbone)
-    if settings.image_size is None:
-        settings = dataclasses.replace(settings, image_size=(spec.default_size,) * 2)
-    image_settings = ImageSettings(  # checks resize and interpolation up front
-        settings.image_size,
-        settings.resize,
-        settings.interpolation,
-        settings.antialias,
-        settings.max_pixels,
-    )
-    backbone, weights = build_backbone(
-        spec,
-        settings.image_size,
-        settings.weights,
-        precision=settings.precision,
-        seed=settings.seed,
-    )
+    settings = settings.resolved()
+    spec = settings.backbone.spec
+    backbone, weights = settings.backbone.build(settings.image.size)
     taps = resolve_layers(layer_taps(backbone, spec), list(settings.layers), spec.name)
     poolings = parse_poolings(settings.pooling, len(taps))
     model = build_extractor(backbone, spec, taps, poolings, settings.dtype)
-    return Extractor(spec, settings, image_settings, taps, poolings, model, weights)
+    return Extractor(spec, settings, taps, poolings, model, weights)
 
 
 # ---------------------------------------------------------------------------------
@@ -362,9 +334,10 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
 
 @dataclasses.dataclass
 class ExtractionResult:
-    """What a call of `extract` did."""
+    """What a call of `extract` did, and with which (resolved) settings."""
 
     path: Path
+    settings: ExtractionSettings
     rows: int
     skipped: list[tuple[int, str, str]]
     images_processed: int
@@ -373,24 +346,6 @@ class ExtractionResult:
     @property
     def images_per_second(self) -> float:
         return self.images_processed / self.seconds if self.seconds else float("nan")
-
-
-def _provenance(extractor: Extractor, source: Path) -> dict:
-    return {
-        "tl_version": tl.__version__,
-        "keras_version": keras.__version__,
-        "tensorflow_version": tf.__version__,
-        "h5py_version": h5py.__version__,
-        "numpy_version": np.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "source": str(source),
-        "backbone_constructor": f"keras.applications.{extractor.spec.constructor}",
-        "preprocessing": extractor.spec.preprocessing,
-        "preprocessing_description": PREPROCESSING_MODES[extractor.spec.preprocessing],
-        "weights": dataclasses.asdict(extractor.weights),
-        "image_size": list(extractor.settings.image_size),
-    }
 
 
 def storage_plan(layer_info: list[dict], images: int) -> list[str]:
@@ -442,7 +397,7 @@ def _open_store(
     return StoreWriter.create(
         target,
         settings=extractor.codes_settings(),
-        provenance=_provenance(extractor, source),
+        provenance=provenance_record(extractor, source, index),
         layers=extractor.layer_info(),
         class_names=index.class_names,
         num_images=num_images,
@@ -462,8 +417,10 @@ def _resume_store(
 ) -> StoreWriter | None:
     repair_cut_short(target)
     with FeatureStore(target, require_complete=False) as existing:
-        differences = settings_differences(
-            existing.settings, extractor.codes_settings()
+        differences = identity_differences(
+            ExtractionSettings.with_defaults(existing.settings),
+            extractor.codes_settings(),
+            names=("file has", "this run asks"),
         )
         if existing.shard != shard:
             differences.append(f"shard: file has {existing.shard}, this run {shard}")
@@ -489,7 +446,7 @@ def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
         return 0, total
     index, count = shard
     if not 0 <= index < count:
-        raise TLError(f"Shard must be I/N with 0 <= I < N, got {index}/{count}.")
+        raise ParameterError("shard", "I/N with 0 <= I < N", f"{index}/{count}")
     return index * total // count, (index + 1) * total // count
 
 
@@ -515,8 +472,9 @@ def extract(
             and input, the run resumes after its last complete batch (or returns at
             once when it is complete); other settings are refused unless `overwrite`.
             The run holds `<output>.lock` throughout: a second writer is refused.
-        settings: an `ExtractionSettings`; keyword arguments override its fields, so
-            `extract(src, out, backbone="resnet50", layers=["conv4", "conv5"])` works.
+        settings: an `ExtractionSettings`; keyword arguments override it by its flat
+            keys (`ExtractionSettings.updated`), so `extract(src, out,
+            backbone="resnet50", layers=["conv4", "conv5"], image_size=64)` works.
         batch_size: images per forward pass (memory only; codes do not depend on it).
         compression: None, `lzf` or `gzip` for the code datasets.
         shard: `(index, count)` to process only a contiguous slice of the input, for
@@ -531,11 +489,8 @@ def extract(
     Returns:
         An `ExtractionResult` (path, rows written, skipped files, timing).
     """
-    settings = dataclasses.replace(
-        settings or ExtractionSettings(), **setting_overrides
-    )
-    if batch_size < 1:
-        raise TLError(f"batch_size must be at least 1, got {batch_size}.")
+    settings = (settings or ExtractionSettings()).updated(**setting_overrides)
+    check_interval("batch_size", batch_size, low=1, integer=True)
     output = Path(output)
     extractor = load_extractor(settings)
     settings = extractor.settings
@@ -579,7 +534,7 @@ def extract(
             target.replace(output)
         with FeatureStore(output) as store:
             result = ExtractionResult(
-                output, len(store), store.skipped, processed, seconds
+                output, settings, len(store), store.skipped, processed, seconds
             )
     for _, path, reason in result.skipped:
         log.warning("skipped %s: %s", path, reason)
@@ -630,7 +585,7 @@ def _extract_rest(
         )
     _check_disk(writer.path, needed)
     began = time.perf_counter()
-    _run(extractor, index, writer, start, stop, batch_size, progress, on_batch)
+    _write_codes(extractor, index, writer, start, stop, batch_size, progress, on_batch)
     return remaining, time.perf_counter() - began
 
 
@@ -650,15 +605,15 @@ def iter_codes(
 ) -> Iterator[CodeBatch]:
     """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
     (see `tl.images.decoded_batches`)."""
-    run = compiled_extractor(extractor.model)
-    for batch in decoded_batches(paths, extractor.image_settings, batch_size, first):
+    codes_of = compiled_extractor(extractor.model)
+    for batch in decoded_batches(paths, extractor.settings.image, batch_size, first):
         codes = {}
         if batch.images is not None:
-            codes = {key: value.numpy() for key, value in run(batch.images).items()}
+            codes = {k: v.numpy() for k, v in codes_of(batch.images).items()}
         yield CodeBatch(batch.positions, codes, batch.skipped, batch.end)
 
 
-def _run(
+def _write_codes(
     extractor: Extractor,
     index: ImageIndex,
     writer: StoreWriter,

@@ -16,16 +16,23 @@ import dataclasses
 import functools
 import hashlib
 import io
+import numbers
 import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
+from tl._checks import ParameterError, check_choice, check_interval
+from tl._settings import FlatSettings
 from tl.errors import TLError
+
+if TYPE_CHECKING:
+    from tl.backbones import BackboneSpec
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -205,8 +212,7 @@ class _TreeWalk:
 
 
 def _check_labels(labels: str | None) -> None:
-    if labels not in ("inferred", None):
-        raise TLError(f"labels must be 'inferred' or None, got {labels!r}.")
+    check_choice("labels", labels, ("inferred", None))
 
 
 def index_folder(folder: str | Path, labels: str | None = "inferred") -> ImageIndex:
@@ -338,12 +344,38 @@ def index_images(source: str | Path, labels: str | None = "inferred") -> ImageIn
 # Decoding
 
 
+_SIZE = "N or HxW with positive sides (e.g. 224 or 224x299)"
+
+
+def _size_pair(size) -> tuple[int, int] | None:
+    """`N`, `HxW`, `H,W`, an int or a pair as (height, width); None stays None."""
+    if size is None:
+        return None
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", size)
+        pair = (int(match[1]), int(match[2] or match[1])) if match else ()
+    elif isinstance(size, numbers.Integral):
+        pair = (int(size), int(size))
+    else:
+        try:
+            pair = tuple(int(side) for side in size)
+        except (TypeError, ValueError):
+            pair = ()
+    if len(pair) != 2 or min(pair) < 1:
+        raise ParameterError("image_size", _SIZE, size)
+    return pair
+
+
 @dataclasses.dataclass(frozen=True)
-class ImageSettings:
+class ImageSettings(FlatSettings):
     """How a file becomes a model input; recorded in feature stores.
 
+    Stored flat as `image_size`, `resize`, `interpolation`, `antialias`,
+    `max_pixels`.
+
     Attributes:
-        size: output (height, width).
+        size: output (height, width), also given as N or "HxW"; None takes the
+            backbone's default size (see `resolved`).
         resize: `squash` (ignore aspect ratio), `center-crop` (largest centred window
             of the target aspect ratio) or `pad` (fit inside, pad with black).
         interpolation: a `tf.image.resize` method.
@@ -352,26 +384,26 @@ class ImageSettings:
         max_pixels: images with more pixels are refused before decoding.
     """
 
-    size: tuple[int, int]
+    size: tuple[int, int] | None = None
     resize: str = "squash"
     interpolation: str = "bilinear"
     antialias: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
 
+    JSON_NAMES: ClassVar[dict[str, str]] = {"size": "image_size"}
+
     def __post_init__(self):
-        if self.resize not in RESIZE_MODES:
-            raise TLError(
-                f"Unknown resize mode {self.resize!r}; choose one of "
-                f"{', '.join(RESIZE_MODES)}."
-            )
-        if self.interpolation not in INTERPOLATIONS:
-            raise TLError(
-                f"Unknown interpolation {self.interpolation!r}; choose one of "
-                f"{', '.join(INTERPOLATIONS)}."
-            )
-        if len(self.size) != 2 or min(self.size) < 1:
-            raise TLError(f"Image size must be two positive sides, got {self.size!r}.")
-        object.__setattr__(self, "size", tuple(int(side) for side in self.size))
+        check_choice("resize", self.resize, RESIZE_MODES)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        check_interval("max_pixels", self.max_pixels, low=1, integer=True)
+        object.__setattr__(self, "size", _size_pair(self.size))
+
+    def resolved(self, spec: BackboneSpec) -> ImageSettings:
+        """These settings with the size filled in: `spec`'s default when unset. The
+        one place where a backbone's default input size is applied."""
+        if self.size is not None:
+            return self
+        return dataclasses.replace(self, size=(spec.default_size, spec.default_size))
 
 
 # The file's first bytes tell its format and size; past the end of a short file they

@@ -25,6 +25,7 @@ from tl.finetune import MODEL_FORMAT as FINETUNED_FORMAT
 from tl.finetune import load_finetuned
 from tl.images import UNLABELED, ImageIndex, index_folder, is_image_file
 from tl.model_folder import model_format
+from tl.provenance import identity_differences, layer_identity
 
 
 def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
@@ -87,7 +88,7 @@ def predict_images(
     else:
         model = load_classifier(model_dir)
         index = index_inputs(inputs, model.class_names)
-        records = _probe_records(model, index, batch_size, progress)
+        records = _probe_records(model, model_dir, index, batch_size, progress)
     names = model.class_names
     table = pd.DataFrame(
         [{"path": index.paths[i], **records[i]} for i in range(len(index))]
@@ -102,16 +103,24 @@ def _skipped_record(reason: str) -> dict:
 
 
 def _probe_records(
-    model: SavedClassifier, index: ImageIndex, batch_size: int, progress: bool
+    model: SavedClassifier,
+    model_dir: str | Path,
+    index: ImageIndex,
+    batch_size: int,
+    progress: bool,
 ) -> dict[int, dict]:
     """Rebuild the training codes' extractor for the model's layer, then classify."""
     extractor = load_extractor(extraction_settings(model))
-    trained_with = model.metadata["extraction"].get("weights_sha256")
-    if extractor.weights.sha256 != trained_with:
+    differences = identity_differences(
+        model.identity,
+        layer_identity(extractor.codes_settings(), extractor.layer_info()[0]),
+        names=("at training", "now"),
+    )
+    if differences:
         raise TLError(
-            f"The weights differ from those the model's codes were made with: "
-            f"SHA-256 {extractor.weights.sha256} now, {trained_with} at training "
-            f"({model.metadata['extraction']['weights']}). Use the same weights file."
+            f"The codes of the extractor rebuilt for {str(model_dir)!r} would differ "
+            f"from those it was trained on: {'; '.join(differences)}. Use the weights "
+            f"file it was trained with ({model.metadata['extraction']['weights']!r})."
         )
     key = extractor.taps[0].layer
     classes = list(model.pipeline.classes_)

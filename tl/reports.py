@@ -18,7 +18,6 @@ so that probes and fine-tuned models compare in one table (`results.csv`,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -274,13 +273,16 @@ def plot_low_shot(rows: list[dict], path, depth: dict[str, int]) -> Path | None:
     return Path(path)
 
 
-def write_report(result, directory: str | Path, *, store, run: dict) -> dict[str, Path]:
+def write_report(
+    result, directory: str | Path, *, store, invocation: dict
+) -> dict[str, Path]:
     """Write results.csv/json, leaderboard.csv, run.json and the plots.
 
     Args:
         result: a `tl.evaluation.ComparisonResult`.
         store: the `FeatureStore` compared (for provenance and layer depths).
-        run: what else is needed to re-run (arguments, versions, seed...).
+        invocation: how the comparison was invoked, for re-running it (arguments,
+            library versions...).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -305,16 +307,13 @@ def write_report(result, directory: str | Path, *, store, run: dict) -> dict[str
     if low_shot:
         written["low_shot_plot"] = low_shot
     summary = {
-        **run,
+        **invocation,
         "store": str(Path(store.path).resolve()),
         "store_settings": store.settings,
         "store_provenance": store.provenance,
         "protocol": result.settings.protocol,
         "protocol_summary": protocol_summary(result),
-        "comparison_settings": {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(result.settings).items()
-        },
+        "comparison_settings": result.settings.to_json(),
         "winner": {
             "layer": result.winner.layer,
             "classifier": result.winner.classifier,

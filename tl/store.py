@@ -57,7 +57,9 @@ except ImportError:  # not on Windows
     resource = None
 
 from tl import locking
+from tl._checks import check_choice
 from tl.errors import TLError
+from tl.provenance import identity_differences
 
 FORMAT = "tl-features"
 SCHEMA_VERSION = 2
@@ -229,16 +231,6 @@ def _silent_unraisable():
         sys.unraisablehook = hook
 
 
-def settings_differences(stored: dict, requested: dict) -> list[str]:
-    """Human-readable differences between two settings dicts."""
-    keys = sorted(set(stored) | set(requested))
-    return [
-        f"{key}: file has {stored.get(key)!r}, this run asks {requested.get(key)!r}"
-        for key in keys
-        if stored.get(key) != requested.get(key)
-    ]
-
-
 class StoreWriter:
     """Appends batches of rows to a feature store; see the module docstring."""
 
@@ -291,11 +283,7 @@ class StoreWriter:
                 (per-row shape) and `dtype`; all of it is stored as metadata.
             ignored: (path, reason) of the files the input index left out.
         """
-        if compression not in COMPRESSIONS:
-            raise TLError(
-                f"Unknown compression {compression!r}; choose one of "
-                f"{', '.join(str(c).lower() for c in COMPRESSIONS)}."
-            )
+        check_choice("compression", compression, COMPRESSIONS)
         try:
             handle = h5py.File(path, "w")
         except OSError as error:
@@ -938,7 +926,7 @@ def _check_shards(stores: list[FeatureStore]) -> None:
     for store in stores:
         if store.shard is None:
             raise TLError(f"{str(store.path)!r} is not a shard (no shard index).")
-        differences = settings_differences(first.settings, store.settings)
+        differences = identity_differences(first.settings, store.settings)
         if differences or store.index_sha256 != first.index_sha256:
             raise TLError(
                 f"{str(store.path)!r} is not a shard of the same extraction as "
