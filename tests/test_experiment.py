@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -67,7 +68,13 @@ def experiment(root: Path, name: str = "two", **tables) -> dict:
                 "layers": ["stage3", "last"],
             },
         ],
-        "probe": {"classifiers": ["logreg", "ridge"], "cv": 3, "jobs": 1},
+        "probe": {
+            "classifiers": ["logreg", "ridge"],
+            "cv": 3,
+            "shots": [1, 2],
+            "shot_seeds": 2,
+            "jobs": 1,
+        },
         "finetune": [
             {
                 "backbone": "vgg16",
@@ -187,10 +194,12 @@ def test_two_backbones_give_every_expected_row(finished):
     assert {"backbone", "strategy", "step", "store", "model"} <= set(results.columns)
     for row in table.itertuples():
         rows = results[results.step == row.step]
-        test = rows[rows.split == "test"].set_index("metric").value
+        test = rows[rows.protocol == "holdout"]
+        test = test[test.split == "test"].set_index("metric").value
         assert test["accuracy"] == pytest.approx(row.test_accuracy)
-        # probes: 3 CV folds and 4 test metrics; the fine-tune: 4 test metrics
-        assert len(rows) == (7 if row.strategy == "probe" else 4)
+        # probes: 3 CV folds, 4 test metrics, 3 metrics x 2 shots x 2 seeds;
+        # the fine-tune: 4 test metrics
+        assert len(rows) == (3 + 4 + 12 if row.strategy == "probe" else 4)
     assert len(json.loads((output / "results.json").read_text())) == len(results)
 
 
@@ -202,6 +211,9 @@ def test_each_row_traces_to_its_store_and_model(finished):
     cache = FeatureCache(spec["experiment"]["cache_dir"])
     probes = result.leaderboard[result.leaderboard.strategy == "probe"]
     for row in probes.itertuples():
+        record = json.loads((output / "steps" / f"{row.step}.json").read_text())
+        assert record["settings"]["classifiers"] == [row.classifier]
+        assert record["settings"]["layers"] == [row.layer]
         saved = load_classifier(output / row.model)
         with FeatureStore(cache.store_path(row.test_store)) as test_store:
             predicted = saved.pipeline.predict(as_features(test_store.read(row.layer)))
@@ -224,10 +236,11 @@ def test_report_is_one_file_with_the_winner(finished):
     assert f"Test accuracy {winner.test_accuracy:.3f}" in page
     assert f"95% interval {winner.test_ci_low:.3f}–{winner.test_ci_high:.3f}" in page
     assert "McNemar" in page
-    for title in ("Accuracy against layer depth", "Probes against fine-tuning"):
-        assert title in page
+    for title in ("Accuracy against layer depth", "Probes against fine-tuning",
+                  "Low-shot curves", "Time per step", "Stores"):  # fmt: skip
+        assert f"<h2>{title}</h2>" in page
     # self-contained: every image embedded, nothing fetched
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 4
     assert "http://" not in page and "https://" not in page
     for key in result.plan.store_keys():
         assert key in page  # the provenance of every store
@@ -444,6 +457,22 @@ def test_edited_image_other_weights_or_size_never_hit_an_old_entry(small, tmp_pa
     write_png_tree(tmp_path / "edit", {"bee": 3}, seed=9)
     shutil.copy(tmp_path / "edit" / "bee" / "img_002.png", image)
     assert planned(small) == {train: False, test: True, probe: False}
+
+    # hash_content: images named by their bytes, so a touched file keeps its key
+    hashed = copy.deepcopy(small)
+    hashed["experiment"]["hash_content"] = True
+    before = keys(hashed), keys(small)
+    os.utime(image, ns=(0, 10**18))
+    after = keys(hashed), keys(small)
+    assert after[0] == before[0]
+    assert after[1][train] != before[1][train]
+    assert after[1][test] == before[1][test]
+
+
+def keys(spec: dict) -> dict[str, str]:
+    """Extraction step title → its cache key, planned."""
+    plan = run(spec, plan_only=True).plan
+    return {s.title: s.key for s in plan.steps if isinstance(s, ExtractStep)}
 
 
 def test_a_store_holding_more_layers_is_reused(finished):

@@ -15,14 +15,17 @@ import contextlib
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
 
 from tl import evaluation, features, finetune
-from tl.classifiers import save_classifier
+from tl.classifiers import as_features, make_pipeline, save_classifier
 from tl.cli import check_output
 from tl.errors import TLError
 from tl.experiment.cache import FeatureCache
@@ -35,7 +38,8 @@ from tl.experiment.plan import (
 )
 from tl.experiment.report import format_top, write_report
 from tl.experiment.spec import ExperimentSpec, head_options, load_spec
-from tl.experiment.splits import prepare_data
+from tl.experiment.splits import fine_tune_lists, prepare_data
+from tl.images import ImageIndex, index_images
 from tl.provenance import library_versions
 from tl.reports import METRICS
 from tl.store import FeatureStore
@@ -250,6 +254,7 @@ def _probe_record(step: ProbeStep, plan: Plan, result, seconds: float) -> dict:
     )
     return {
         **common,
+        "settings": settings.to_json(),
         "depth": step.tap.depth / step.backbone.final_depth,
         "cv_scores": candidate.cv_scores,
         "cv_accuracy": candidate.cv_mean,
@@ -274,34 +279,66 @@ def _fine_tune(step: FineTuneStep, plan: Plan, counter: str, progress: bool) -> 
     if step.key is None:  # only with weights unresolved, which a run resolves
         raise TLError(f"{step.entry.where}: its inputs are not ready.")
     spec, data = plan.spec, plan.data
-    best = step.best_probe()
-    probe_folder = spec.output_dir / best.record["model"] if best else None
-    settings = step.entry.settings.updated(
-        **head_options(step.entry.init_head, probe_folder)
-    )
     folder = Path("finetune") / step.key
     _say(f"{counter} {step.title}: training in {spec.output_dir / folder}")
     began = time.perf_counter()
+    train, val = fine_tune_lists(spec, data, step.entry)
+    best = step.best_probe()
+    head = None
+    if best is not None:
+        head = spec.output_dir / "finetune" / f"{step.key}-head"
+        _refit_probe(best, index_images(train), head)
+    settings = step.entry.settings.updated(**head_options(step.entry.init_head, head))
     result = finetune.fine_tune(
-        data.train_csv,
+        train,
         spec.output_dir / folder,
         settings,
+        val_source=val,
         test_source=data.test_csv,
         progress=progress,
     )
-    plan.records.save(
-        _fine_tune_record(step, plan, result, folder, time.perf_counter() - began)
-    )
+    record = _fine_tune_record(step, plan, result, folder, time.perf_counter() - began)
+    plan.records.save({**record, "settings": settings.to_json()})
     plan.refresh(step)
     return True
+
+
+def _refit_probe(best: ProbeStep, train: ImageIndex, folder: Path) -> None:
+    """Save the best probe (classifier and hyper-parameters) refit on the codes of
+    a fine-tune's training images only: the head an LP-FT starts from."""
+    settings, params = best.settings, best.record["params"]
+    with FeatureStore(best.train.entry.path) as store:
+        rows = np.isin(store.paths, train.absolute_paths())
+        pipeline = make_pipeline(
+            best.classifier,
+            settings.normalization,
+            settings.pca,
+            settings.class_weight,
+            settings.seed,
+        ).set_params(**{f"classifier__{name}": v for name, v in params.items()})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            pipeline.fit(
+                as_features(store.read(best.tap.layer, rows)), store.labels[rows]
+            )
+        save_classifier(
+            folder,
+            pipeline,
+            store=store,
+            layer=best.tap.layer,
+            classifier=best.classifier,
+            params=params,
+            normalization=settings.normalization,
+            pca=settings.pca,
+            scores={"refit_of": best.record["model"], "rows": int(rows.sum())},
+        )
 
 
 def _fine_tune_record(
     step: FineTuneStep, plan: Plan, result, folder: Path, seconds: float
 ) -> dict:
     """The record of a finished fine-tune: its test scores, its accuracy on its
-    validation images (how it ranks, as CV ranks the probes), its predictions on
-    the test images, and its folder."""
+    validation images, its predictions on the test images, and its folder."""
     directory = plan.spec.output_dir / folder
     model = finetune.load_finetuned(directory)
     splits = pd.read_csv(directory / "splits.csv", dtype=str, keep_default_na=False)

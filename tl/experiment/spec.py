@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import sys
 from collections.abc import Iterator, Mapping
@@ -577,21 +578,16 @@ class _Reader:
     def resolve(self, spec: ExperimentSpec) -> ExperimentSpec:
         """Resolve every backbone's layers on a random-weight model at its image size
         (nothing is downloaded), then check what needs them."""
-        models: dict = {}
         backbones = []
         for entry in spec.backbones:
             spec_ = entry.backbone.spec
-            key = (spec_.name, entry.image.size)
-            if key not in models:
-                with self.checking(f"{entry.where}.image_size"):
-                    model, _ = build_backbone(spec_, entry.image.size, "none")
-                models[key] = layer_taps(model, spec_)
-            taps = models[key]
+            with self.checking(f"{entry.where}.image_size"):
+                taps = _taps(spec_.name, entry.image.size)
             for number, layer in enumerate(entry.layers):
                 with self.checking(f"{entry.where}.layers[{number}]"):
-                    resolve_layers(taps, [layer], spec_.name)
+                    resolve_layers(list(taps), [layer], spec_.name)
             with self.checking(f"{entry.where}.layers"):
-                resolved = resolve_layers(taps, list(entry.layers), spec_.name)
+                resolved = resolve_layers(list(taps), list(entry.layers), spec_.name)
             backbones.append(
                 dataclasses.replace(
                     entry,
@@ -643,6 +639,15 @@ class _Reader:
                 f"'best_probe' needs a linear classifier among [probe] classifiers "
                 f"({names}).",
             )
+
+
+@functools.lru_cache(maxsize=32)
+def _taps(backbone: str, image_size: tuple[int, int]) -> tuple[Tap, ...]:
+    """Every layer of `backbone` at `image_size`, from a random-weight model (the
+    layers do not depend on the weights); built once per process."""
+    spec = get_backbone(backbone)
+    model, _ = build_backbone(spec, image_size, "none")
+    return tuple(layer_taps(model, spec))
 
 
 def _join(where: str, key: str) -> str:

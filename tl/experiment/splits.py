@@ -5,7 +5,8 @@ Without `[data] test`, the training images are split once, stratified and seeded
 paths, `splits/train.csv` and `splits/test.csv` in the output folder. Extraction,
 the probes and fine-tuning all read these two files, so every strategy is scored on
 the same test images (which McNemar's test needs) and none is trained on them;
-fine-tuning takes its validation images from the training list only. Two
+fine-tuning takes its validation images from the training list only
+(`fine_tune_lists`). Two
 experiments over the same images write the same lists, so their codes share one
 cache entry.
 """
@@ -21,7 +22,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from tl.errors import TLError
-from tl.experiment.spec import ExperimentSpec
+from tl.experiment.spec import ExperimentSpec, FineTuneEntry
 from tl.images import ImageIndex, index_images
 
 
@@ -57,7 +58,13 @@ def prepare_data(spec: ExperimentSpec, *, write: bool = True) -> ExperimentData:
             )
         train_rows, test_rows = _rows(train), _rows(test)
     else:
-        train_rows, test_rows = _split(spec, train)
+        train_rows, test_rows = _split(
+            train,
+            spec.test_size,
+            spec.seed,
+            f"{spec.source}: data.test_size",
+            "give a separate data.test folder",
+        )
     folder = spec.output_dir / "splits"
     files = {folder / "train.csv": train_rows, folder / "test.csv": test_rows}
     indexes = []
@@ -94,34 +101,62 @@ def _rows(index: ImageIndex) -> list[tuple[str, str]]:
 
 
 def _split(
-    spec: ExperimentSpec, index: ImageIndex
+    index: ImageIndex, fraction: float, seed: int, where: str, instead: str
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Stratified, seeded: (training rows, test rows), each class in both."""
+    """Stratified, seeded: (the rest, `fraction` of each class held out), each
+    class in both, as rows; a refusal names the key `where` and says what to do
+    `instead` besides changing it or adding images."""
     rows = _rows(index)
+    what = f"{where}: cannot hold out {fraction:g} of {len(rows)} images, stratified"
+    advice = f"change {where.rsplit('.', 1)[-1]}, add images, or {instead}."
     try:
-        train, test = train_test_split(
+        kept, held = train_test_split(
             np.arange(len(rows)),
-            test_size=spec.test_size,
+            test_size=fraction,
             stratify=index.labels,
-            random_state=spec.seed,
+            random_state=seed,
         )
     except ValueError as error:
         raise TLError(
-            f"{spec.source}: data.test_size: cannot hold out {spec.test_size:g} of "
-            f"{len(rows)} images, stratified over {len(index.class_names)} classes "
-            f"({str(error).rstrip('.')}); change test_size, add images, or give a "
-            f"separate data.test folder."
+            f"{what} over {len(index.class_names)} classes "
+            f"({str(error).rstrip('.')}); {advice}"
         ) from None
-    for part, name in ((train, "training"), (test, "test")):
+    for part in (kept, held):
         missing = sorted(set(range(len(index.class_names))) - set(index.labels[part]))
         if missing:
             names = ", ".join(repr(index.class_names[m]) for m in missing)
             raise TLError(
-                f"{spec.source}: data.test_size: the {name} split of {len(rows)} "
-                f"images has no image of class {names}; change test_size, add "
-                f"images, or give a separate data.test folder."
+                f"{what}, with an image of class {names} on each side; {advice}"
             )
-    return [rows[i] for i in sorted(train)], [rows[i] for i in sorted(test)]
+    return [rows[i] for i in sorted(kept)], [rows[i] for i in sorted(held)]
+
+
+def fine_tune_lists(
+    spec: ExperimentSpec, data: ExperimentData, entry: FineTuneEntry
+) -> tuple[Path, Path | None]:
+    """A fine-tune's training and validation lists.
+
+    Its `val_split` of each class of the experiment's training images is held out
+    (stratified, seeded by its seed) and both parts written under
+    `splits/finetune-<val_split>-<seed>/`: the probe an LP-FT starts from is then
+    refit on the training part, so the validation images that choose its epoch are
+    new to the whole model. No validation split: (the training list, None).
+    """
+    settings = entry.settings
+    if not settings.val_split:
+        return data.train_csv, None
+    train, val = _split(
+        data.train,
+        settings.val_split,
+        settings.seed,
+        f"{spec.source}: {entry.where}.val_split",
+        "set it to 0 (no validation)",
+    )
+    folder = data.train_csv.parent / f"finetune-{settings.val_split:g}-{settings.seed}"
+    paths = folder / "train.csv", folder / "val.csv"
+    for path, rows in zip(paths, (train, val), strict=True):
+        _write_if_changed(path, _csv_text(rows))
+    return paths
 
 
 def _csv_text(rows: list[tuple[str, str]]) -> str:
