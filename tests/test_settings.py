@@ -9,7 +9,7 @@ import pytest
 from conftest import SMALL, write_png_tree
 
 import tl.backbones
-import tl.finetune
+import tl.finetune.run
 from tl.backbones import BackboneSettings
 from tl.errors import TLError
 from tl.features import ExtractionSettings
@@ -88,7 +88,7 @@ class Built(Exception):
 def built(monkeypatch):
     """What `fine_tune` built: the settings and image size it passed on."""
     seen = {}
-    build_model = tl.finetune.build_model
+    build_model = tl.finetune.run.build_model
 
     def record_model(settings, *args, **kwargs):
         seen["settings"] = settings
@@ -98,10 +98,8 @@ def built(monkeypatch):
         seen["image_size"] = tuple(image_size)
         raise Built
 
-    monkeypatch.setattr(tl.finetune, "build_model", record_model)
+    monkeypatch.setattr(tl.finetune.run, "build_model", record_model)
     monkeypatch.setattr(tl.backbones, "build_backbone", record_backbone)
-    # where a tl that imported it by name calls it
-    monkeypatch.setattr(tl.finetune, "build_backbone", record_backbone, raising=False)
     return seen
 
 
