@@ -607,6 +607,22 @@ def layers_from(model: keras.Model, spec: BackboneSpec, start: str) -> list:
     return selected
 
 
+def cut_below(model: keras.Model, layer: str) -> str | None:
+    """The deepest layer before `layer` that every path from the input to the output
+    goes through (see `_cut_points`): the output of the part of `model` below
+    `layer` is that layer's output alone. None when there is none (`layer` comes
+    first)."""
+    layers = [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    names = [item.name for item in layers]
+    cuts = _cut_points(layers)
+    below = [name for name in names[: names.index(layer)] if name in cuts]
+    return below[-1] if below else None
+
+
 def describe_backbones() -> str:
     """A table of the registry: name, default input size, preprocessing, family."""
     lines = [f"{'backbone':<20} {'size':>5}  {'preprocessing':<14} family"]

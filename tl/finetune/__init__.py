@@ -4,7 +4,8 @@ The package, one concept per module:
 
     settings.py     FineTuneSettings: what determines a fine-tuned model
     model.py        pixels → preprocessing → backbone (inference mode) → pooling → head
-    head_init.py    LP-FT: a saved linear probe folded exactly into the head
+    head_init.py    stage 1's probe (fitted, or saved: LP-FT), folded into the head
+    cache.py        the frozen pass: codes and stage 2's inputs, computed once
     data.py         labelled indexes, readable files, splits, training batches
     checkpoint.py   the run's state, checkpoints, opening (and resuming) a run folder
     training.py     the two stages, epoch by epoch
@@ -14,8 +15,15 @@ The package, one concept per module:
 """
 
 from tl.finetune.data import class_weights, labelled_index, prepare_splits
-from tl.finetune.head_init import check_init_head, initialise_head, linear_head_weights
-from tl.finetune.model import FineTuneModel, build_model, unfrozen_layers
+from tl.finetune.head_init import (
+    LinearProbe,
+    check_init_head,
+    fit_probe,
+    initialise_head,
+    linear_probe,
+    saved_probe,
+)
+from tl.finetune.model import FineTuneModel, HeadInput, build_model, unfrozen_layers
 from tl.finetune.run import FineTuneResult, fine_tune
 from tl.finetune.saved import (
     MODEL_FILE,
@@ -32,6 +40,7 @@ from tl.finetune.settings import (
     DEFAULT_DROPOUT,
     DEFAULT_HEAD_EPOCHS,
     GLOBAL_POOLINGS,
+    HEAD_INITS,
     HEADS,
     FineTuneSettings,
 )
@@ -43,6 +52,7 @@ __all__ = [
     "DEFAULT_HEAD_EPOCHS",
     "GLOBAL_POOLINGS",
     "HEADS",
+    "HEAD_INITS",
     "MODEL_FILE",
     "MODEL_FORMAT",
     "BackbonePreprocessing",
@@ -51,15 +61,19 @@ __all__ = [
     "FineTuneResult",
     "FineTuneSettings",
     "FineTunedModel",
+    "HeadInput",
     "InferenceMode",
+    "LinearProbe",
     "build_model",
     "check_init_head",
     "class_weights",
     "fine_tune",
+    "fit_probe",
     "initialise_head",
     "labelled_index",
-    "linear_head_weights",
+    "linear_probe",
     "load_finetuned",
     "prepare_splits",
+    "saved_probe",
     "unfrozen_layers",
 ]

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from tl.errors import TLError
+from tl.finetune.cache import CACHE_FOLDER
 from tl.finetune.settings import FineTuneSettings
 from tl.images import ImageIndex
 from tl.provenance import identity_differences
@@ -45,9 +46,12 @@ class _State:
     """Progress of a run, committed to `state.json` after every epoch.
 
     `epoch` counts finished epochs over both stages; `stage_epochs` those of the
-    current `stage`. `best_epoch` is the epoch of the lowest validation loss (-1:
-    the model before training). `checkpoint` names the file holding the weights and
-    optimizer state after the last finished epoch.
+    current `stage`. The kept model (`best.npz`) is that of epoch `best_epoch` (-1:
+    the model before training), with validation loss `best` and accuracy
+    `best_accuracy`; `start_accuracy` is the validation accuracy of the model stage
+    2 started from (see `tl.finetune.training.better`). `probe` describes the probe
+    stage 1 fitted. `checkpoint` names the file holding the weights and optimizer
+    state after the last finished epoch.
     """
 
     identity: dict
@@ -55,7 +59,10 @@ class _State:
     epoch: int = 0
     stage_epochs: int = 0
     best: float | None = None
+    best_accuracy: float | None = None
     best_epoch: int | None = None
+    start_accuracy: float | None = None
+    probe: dict | None = None
     wait: int = 0
     stopped: bool = False
     fit_seconds: float = 0.0
@@ -108,7 +115,8 @@ def _checkpointed(model: keras.Model) -> list:
 def _remove_run_files(directory: Path) -> None:
     for name in (*_OUTPUTS, _STATE, _BEST):
         (directory / name).unlink(missing_ok=True)
-    shutil.rmtree(directory / _CHECKPOINTS, ignore_errors=True)
+    for folder in (_CHECKPOINTS, CACHE_FOLDER):
+        shutil.rmtree(directory / folder, ignore_errors=True)
 
 
 def _open_run(

@@ -1,4 +1,5 @@
-"""The images of a run: labelled indexes, readable files, splits, training batches."""
+"""The images of a run: labelled indexes, readable files, splits, training batches
+(decoded from the files, or read from a cache)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from tl.errors import TLError
+from tl.finetune.cache import Rows
 from tl.finetune.settings import AUGMENTATIONS, FineTuneSettings
 from tl.images import (
     ImageIndex,
@@ -205,8 +207,28 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return len(labels) / (num_classes * np.maximum(counts, 1))
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def _epoch_order(settings: FineTuneSettings, epoch: int, rows: int):
+    """An epoch's seed and shuffled order of `rows`: the same in a resumed run, and
+    the same whether the batches come from files or from a cache."""
+    seed = int(np.random.SeedSequence([settings.seed, epoch]).generate_state(1)[0])
+    return seed, np.random.default_rng(seed).permutation(rows)  # not TF's seeds
+
+
+def _augmented(
+    dataset: tf.data.Dataset, settings: FineTuneSettings, seed: int
+) -> tf.data.Dataset:
+    """`dataset`'s image batches transformed by the settings' `augment`."""
+    if not settings.augment:
+        return dataset
+    augment = keras.Sequential(
+        [AUGMENTATIONS[name](seed + i) for i, name in enumerate(settings.augment)]
+    )
+
+    @tf.autograph.experimental.do_not_convert
+    def augmented(images, *rest):
+        return (augment(images, training=True), *rest)
+
+    return dataset.map(augmented)  # sequential: random state in order
 
 
 def _training_batches(
@@ -235,20 +257,51 @@ def _training_batches(
         example = (image, tf.one_hot(labels[position], classes))
         return example if weights is None else (*example, weights[position])
 
-    seed = _epoch_seed(settings.seed, epoch)
-    order = np.random.default_rng(seed).permutation(len(index))  # not TF's seeds
+    seed, order = _epoch_order(settings, epoch, len(index))
     dataset = tf.data.Dataset.from_tensor_slices(order)
     # Every file decoded once already (`prepare_splits`): a failure now is an error.
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(settings.batch_size, drop_remainder=full_batches)
-    if settings.augment:
-        augment = keras.Sequential(
-            [AUGMENTATIONS[name](seed + i) for i, name in enumerate(settings.augment)]
-        )
+    return _augmented(dataset, settings, seed).prefetch(tf.data.AUTOTUNE)
 
-        @tf.autograph.experimental.do_not_convert
-        def augmented(images, *rest):
-            return (augment(images, training=True), *rest)
 
-        dataset = dataset.map(augmented)  # sequential: random state in order
+def cached_batches(
+    rows: Rows,
+    labels: np.ndarray,
+    num_classes: int,
+    settings: FineTuneSettings,
+    epoch: int,
+    sample_weights: np.ndarray | None,
+    full_batches: bool,
+    augment: bool,
+) -> tf.data.Dataset:
+    """One epoch of (cached rows, one-hot labels[, sample weights]) in the order
+    and batches `_training_batches` gives the same images; image rows are
+    augmented as there when `augment`."""
+    seed, order = _epoch_order(settings, epoch, len(rows))
+    size = settings.batch_size
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    if full_batches and len(batches[-1]) < size:
+        batches.pop()
+    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
+    weights = None if sample_weights is None else sample_weights[labels]
+
+    def generate():
+        for positions in batches:
+            example = (rows.take(positions), one_hot[positions])
+            if weights is None:
+                yield example
+            else:
+                yield (*example, weights[positions].astype(np.float32))
+
+    signature = (
+        tf.TensorSpec((None, *rows.shape), tf.float32),
+        tf.TensorSpec((None, num_classes), tf.float32),
+    )
+    if weights is not None:
+        signature = (*signature, tf.TensorSpec((None,), tf.float32))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(batches)))
+    if augment:
+        dataset = _augmented(dataset, settings, seed)
     return dataset.prefetch(tf.data.AUTOTUNE)

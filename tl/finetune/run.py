@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,11 +37,20 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.metrics import confusion_matrix
 
+from tl._checks import check_interval
 from tl.classifiers import SavedClassifier, load_classifier
-from tl.finetune.checkpoint import _BEST, _CHECKPOINTS, _STATE, _open_run
-from tl.finetune.data import labelled_index, prepare_splits
-from tl.finetune.head_init import initialise_head, linear_head_weights
-from tl.finetune.model import build_model
+from tl.finetune.cache import DEFAULT_MEMORY_GB, CachePlan, FrozenPass, frozen_pass
+from tl.finetune.checkpoint import _BEST, _CHECKPOINTS, _STATE, _open_run, _State
+from tl.finetune.data import Splits, labelled_index, prepare_splits
+from tl.finetune.head_init import (
+    LinearProbe,
+    check_init_head,
+    fit_probe,
+    initialise_head,
+    linear_probe,
+    saved_probe,
+)
+from tl.finetune.model import FineTuneModel, HeadInput, build_model
 from tl.finetune.outputs import _write_confusion, _write_history, _write_splits
 from tl.finetune.saved import (
     MODEL_FILE,
@@ -49,7 +59,7 @@ from tl.finetune.saved import (
     _inference_model,
 )
 from tl.finetune.settings import FineTuneSettings
-from tl.finetune.training import _train, _TrainingJob
+from tl.finetune.training import KEPT_MODEL_RULE, _train, _TrainingJob
 from tl.model_folder import METADATA, file_hashes
 from tl.provenance import library_versions
 from tl.reports import classification_metrics, metric_rows, write_results
@@ -104,6 +114,9 @@ def fine_tune(
     progress: bool = True,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     strategy: tf.distribute.Strategy | None = None,
+    cache: bool = True,
+    cache_memory_gb: float = DEFAULT_MEMORY_GB,
+    keep_cache: bool = False,
     **setting_overrides,
 ) -> FineTuneResult:
     """Fine-tune a registry backbone on an image folder and evaluate it.
@@ -123,12 +136,19 @@ def fine_tune(
         callbacks: extra Keras callbacks, passed to each epoch's `fit` call.
         strategy: a `tf.distribute` strategy; default: `MirroredStrategy` over all
             visible GPUs, or none on a machine without.
+        cache: cache what stage 2 trains from (`tl.finetune.cache`); False decodes
+            the images and runs the whole backbone every epoch (same results,
+            slower: for comparisons).
+        cache_memory_gb: the cache stays in memory up to this size, else it is
+            written to `<output_dir>/cache/`.
+        keep_cache: keep that file after the run.
 
     Returns:
         A `FineTuneResult`: test metrics, confusion matrix, history, timings.
     """
     settings = (settings or FineTuneSettings()).updated(**setting_overrides)
     settings = settings.resolved()
+    check_interval("cache_memory_gb", cache_memory_gb, low=0)
     directory = Path(output_dir)
     source = Path(source).expanduser().resolve()
     images = {"train": labelled_index(source)}
@@ -143,14 +163,11 @@ def fine_tune(
     class_names = images["train"].class_names
     saved = load_classifier(settings.init_head) if settings.init_head else None
     strategy = strategy or _strategy()
-    l2_normalize = False
+    net = build_model(settings, len(class_names), strategy=strategy)
+    probe = None
     if saved is not None:
-        l2_normalize = linear_head_weights(saved, class_names)[2]
-    net = build_model(
-        settings, len(class_names), l2_normalize=l2_normalize, strategy=strategy
-    )
-    if saved is not None:
-        initialise_head(net, saved, settings, class_names)
+        check_init_head(saved, net, settings)
+        probe = saved_probe(saved, class_names)
     splits = prepare_splits(
         images["train"],
         settings,
@@ -159,24 +176,112 @@ def fine_tune(
         progress=progress,
     )
     directory.mkdir(parents=True, exist_ok=True)
+    what = (
+        f"trains all layers of {net.spec.name} from scratch"
+        if settings.from_scratch
+        else f"stage 1 starts the head as a {settings.head_init} head; stage 2 "
+        f"trains {len(net.unfrozen)} layers of {net.spec.name} (--unfreeze "
+        f"{settings.unfreeze})"
+    )
     log.info(
-        "%s: %d classes; %s; stage 2 trains %d layers of %s (--unfreeze %s)",
+        "%s: %d classes; %s; %s",
         source,
         len(class_names),
         ", ".join(f"{len(index)} {name}" for name, index in splits.items()),
-        len(net.unfrozen),
-        net.spec.name,
-        settings.unfreeze,
+        what,
     )
     _write_splits(splits, directory)
-    job = _TrainingJob(net, settings, splits, state, directory)
-    with strategy.scope():
-        _train(job, progress, callbacks)
-    _export(job, source, saved)
+    validation = _validation_note(splits)
+    frozen = frozen_pass(
+        net,
+        CachePlan.choose(net, cache),
+        {name: index for name, index in splits.items() if name != "test"},
+        directory,
+        batch_size=settings.batch_size,
+        memory_limit_gb=cache_memory_gb,
+        progress=progress,
+    )
+    try:
+        _start_head(net, state, frozen, splits, probe)
+        job = _TrainingJob(net, settings, splits, state, directory, frozen)
+        with strategy.scope():
+            _train(job, progress, callbacks)
+        _export(job, source, saved, validation)
+    finally:
+        frozen.close(keep=keep_cache)
     return _result(directory)
 
 
-def _export(job: _TrainingJob, source: Path, saved: SavedClassifier | None) -> None:
+def _start_head(
+    net: FineTuneModel,
+    state: _State,
+    frozen: FrozenPass,
+    splits: Splits,
+    probe: LinearProbe | None,
+) -> None:
+    """Stage 1's start: a head reading the codes standardised (as the probe's
+    scaler or the training codes say) and, in a new run, the probe folded into it
+    (the saved one, or one fitted now). A resumed run reads its weights back from
+    its checkpoints instead."""
+    settings = net.settings
+    if settings.from_scratch:
+        return
+    codes = frozen.splits["train"].codes
+    new = state.epoch == 0 and state.checkpoint is None
+    if new and probe is None and settings.head_init == "probe":
+        began = time.perf_counter()
+        pipeline, state.probe = fit_probe(codes, splits.train.labels, settings)
+        probe = linear_probe(pipeline, len(splits.train.class_names))
+        log.info(
+            "stage 1: logistic regression on the codes, %s (CV accuracy %s) in %.1f s",
+            state.probe["params"] or "default C",
+            "n/a"
+            if state.probe["cv_accuracy"] is None
+            else f"{state.probe['cv_accuracy']:.3f}",
+            time.perf_counter() - began,
+        )
+    if new and probe is not None:
+        initialise_head(net, probe, codes)
+    else:
+        net.replace_head(
+            probe.head_input(codes) if probe else HeadInput.of_codes(codes)
+        )
+
+
+# Fewer validation images of a class than this make early stopping a coin toss.
+MIN_VALIDATION_PER_CLASS = 10
+
+
+def _validation_note(splits: Splits) -> dict:
+    """How far the validation images can be trusted to choose the kept model;
+    logged when not far."""
+    if splits.val is None:
+        return {"images": 0, "note": "no validation: the last epoch's model is kept"}
+    counts = np.bincount(splits.val.labels, minlength=len(splits.val.class_names))
+    smallest = int(counts.min())
+    note = {"images": len(splits.val), "smallest_class": smallest, "noisy": False}
+    if smallest < MIN_VALIDATION_PER_CLASS:
+        name = splits.val.class_names[int(counts.argmin())]
+        note["noisy"] = True
+        note["note"] = (
+            f"only {smallest} validation images of class {name!r} (fewer than "
+            f"{MIN_VALIDATION_PER_CLASS}): early stopping and the choice of the kept "
+            f"model on them are noise"
+        )
+        log.warning(
+            "%s; give more with --val-dir or --val-split, or trust the probe "
+            "(--epochs 0).",
+            note["note"],
+        )
+    return note
+
+
+def _export(
+    job: _TrainingJob,
+    source: Path,
+    saved: SavedClassifier | None,
+    validation: dict,
+) -> None:
     """Evaluate on the test split, write the results and the model, mark complete."""
     settings, state, directory = job.settings, job.state, job.directory
     class_names = job.splits.train.class_names
@@ -188,7 +293,7 @@ def _export(job: _TrainingJob, source: Path, saved: SavedClassifier | None) -> N
         {**metrics, "fit_seconds": state.fit_seconds},
         method="fine_tune",
         layer=settings.unfreeze,
-        classifier=settings.head + ("+lpft" if saved else ""),
+        classifier=_head_name(settings, saved),
         protocol="holdout",
         split="test",
         seed=settings.seed,
@@ -197,7 +302,7 @@ def _export(job: _TrainingJob, source: Path, saved: SavedClassifier | None) -> N
     _write_confusion(matrix, class_names, directory)
     _write_history(state.history, directory)
     _inference_model(job.net.model, class_names).save(directory / MODEL_FILE)
-    metadata = _metadata(job, source, metrics, saved)
+    metadata = _metadata(job, source, metrics, saved, validation)
     metadata["files"] = file_hashes(directory, [MODEL_FILE])
     (directory / METADATA).write_text(json.dumps(metadata, indent=2, default=str))
     state.complete = True
@@ -206,8 +311,22 @@ def _export(job: _TrainingJob, source: Path, saved: SavedClassifier | None) -> N
     (directory / _BEST).unlink(missing_ok=True)  # model.keras holds these weights
 
 
+def _head_name(settings: FineTuneSettings, saved: SavedClassifier | None) -> str:
+    """The head as the results' classifier column names it: `linear`, `mlp`,
+    `linear+probe` (a fitted probe) or `linear+lpft` (a saved one)."""
+    if saved is not None:
+        return f"{settings.head}+lpft"
+    if settings.head_init == "probe":
+        return f"{settings.head}+probe"
+    return settings.head
+
+
 def _metadata(
-    job: _TrainingJob, source: Path, metrics: dict, saved: SavedClassifier | None
+    job: _TrainingJob,
+    source: Path,
+    metrics: dict,
+    saved: SavedClassifier | None,
+    validation: dict,
 ) -> dict:
     settings, net, splits, state = job.settings, job.net, job.splits, job.state
     return {
@@ -221,6 +340,9 @@ def _metadata(
         "head": settings.head,
         "unfreeze": settings.unfreeze,
         "unfrozen_layers": net.unfrozen,
+        "from_scratch": settings.from_scratch,
+        "head_init": settings.head_init,
+        "probe": state.probe,
         "init_head": {
             "path": settings.init_head,
             "classifier": saved.metadata["classifier"],
@@ -237,6 +359,9 @@ def _metadata(
             "fingerprints": splits.fingerprints(),
             "skipped": splits.skipped,
         },
+        "validation": validation,
+        "kept_model_rule": KEPT_MODEL_RULE,
+        "cache": job.frozen.describe(),
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "fit_seconds": state.fit_seconds,
