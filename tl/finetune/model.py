@@ -15,12 +15,15 @@ calling the backbone with `training=False` no longer does that in Keras 3, whose
 functional models pass `fit`'s `training=True` down to nested models
 (keras-team/keras#20285); tl wraps the backbone in `InferenceMode`, which calls it with
 `training=False` whatever the context. Trained from scratch, the backbone is called
-plainly, so its BatchNorm layers normalise by batch statistics and learn their own.
+plainly, so its BatchNorm layers normalise by batch statistics, and their moving
+statistics are estimated afresh after every epoch (`estimate_batchnorm`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable, Iterable
 
 import keras
 import numpy as np
@@ -43,10 +46,6 @@ from tl.features import Pooling, build_extractor
 from tl.finetune.saved import BackbonePreprocessing, InferenceMode
 from tl.finetune.settings import FineTuneSettings
 from tl.precision import compute_policy
-
-# Keras' applications use 0.99-0.999, tuned for long ImageNet runs; from scratch on
-# a few thousand steps the moving statistics must follow the changing weights.
-SCRATCH_BATCHNORM_MOMENTUM = 0.9
 
 
 class _TowardsPretrained(keras.regularizers.Regularizer):
@@ -125,6 +124,53 @@ class FineTuneModel:
             self.head, self.model = _assemble(
                 self.backbone, self.spec, self.settings, self.num_classes, head_input
             )
+
+    def estimate_batchnorm(self, batches: Iterable[np.ndarray]) -> None:
+        """Set the moving statistics of every BatchNormalization layer of the
+        backbone to the mean of its batch statistics over `batches` in training
+        mode (PreciseBN: Wu & Johnson, "Rethinking batch in BatchNorm", 2021).
+
+        Trained from scratch, the weights change faster than the moving averages
+        follow (Keras' momentum of 0.99-0.999 needs thousands of steps), so that
+        inference-mode outputs, validation included, would lag the model; after
+        each epoch, one pass over training images sets them exactly.
+        """
+        layers = [
+            layer
+            for layer in self.backbone.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        momenta = [layer.momentum for layer in layers]
+        sums = [[0.0, 0.0] for _ in layers]
+        count = 0
+        try:
+            for layer in layers:  # the moving statistics become the batch's
+                layer.momentum = 0.0
+            for images in batches:
+                self._training_forward(images)
+                count += 1
+                for total, layer in zip(sums, layers, strict=True):
+                    total[0] += np.asarray(layer.moving_mean, np.float64)
+                    total[1] += np.asarray(layer.moving_variance, np.float64)
+        finally:
+            for layer, momentum in zip(layers, momenta, strict=True):
+                layer.momentum = momentum
+        for (mean, variance), layer in zip(sums, layers, strict=True):
+            if count:
+                layer.moving_mean.assign(mean / count)
+                layer.moving_variance.assign(variance / count)
+
+    @functools.cached_property
+    def _training_forward(self) -> Callable:
+        """The model in training mode as a graph function, traced once (with the
+        momentum `estimate_batchnorm` sets)."""
+        shape = [None, *self.model.input_shape[1:]]
+
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)])
+        def forward(images):
+            return self.model(images, training=True)
+
+        return forward
 
     def cut(self) -> str | None:
         """Where stage 2's frozen part ends: the deepest layer below the first
@@ -220,10 +266,6 @@ def build_model(
             for variable in backbone.trainable_weights:
                 anchor = keras.Variable(variable.numpy().copy(), trainable=False)
                 variable.regularizer = _TowardsPretrained(anchor, settings.l2_sp)
-        if settings.from_scratch:
-            for layer in backbone.layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = SCRATCH_BATCHNORM_MOMENTUM
         head, model = _assemble(backbone, spec, settings, num_classes, head_input)
     return FineTuneModel(
         model,

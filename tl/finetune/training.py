@@ -51,10 +51,12 @@ from tl.finetune.data import (
 from tl.finetune.model import FineTuneModel
 from tl.finetune.outputs import _write_history
 from tl.finetune.settings import FineTuneSettings
-from tl.images import ImageIndex
+from tl.images import ImageIndex, decoded_batches
 
 log = logging.getLogger("tl")
 
+# PreciseBN's recommendation: about 10^4 images estimate the statistics well.
+BATCHNORM_IMAGES = 10_000
 KEPT_MODEL_RULE = (
     "the model before training, replaced by each epoch with a lower val_loss and, "
     "in stage 2, a val_accuracy at least that of the model stage 2 started from"
@@ -135,6 +137,31 @@ class _TrainingJob:
             for i in range(0, len(rows), size)
         ]
         return index.labels, np.concatenate(outputs)
+
+    def estimate_batchnorm(self, trainer: _Trainer) -> None:
+        """The BatchNorm statistics of a model trained from scratch, estimated on
+        up to `BATCHNORM_IMAGES` training images, unaugmented, in shuffled
+        batches (batches of one class would hide the variance between classes)."""
+        train, size = self.splits.train, self.settings.batch_size
+        order = np.random.default_rng(self.settings.seed).permutation(len(train))
+        groups = [
+            order[i : i + size]
+            for i in range(0, min(len(train), BATCHNORM_IMAGES), size)
+        ]
+        if trainer.rows is not None:
+            batches = (trainer.rows["train"].take(group) for group in groups)
+        else:
+            paths = train.absolute_paths()
+            batches = (
+                batch.images
+                for batch in decoded_batches(
+                    [paths[p] for p in np.concatenate(groups)],
+                    self.settings.image,
+                    size,
+                )
+                if batch.images is not None
+            )
+        self.net.estimate_batchnorm(batches)
 
     def batches(self, trainer: _Trainer, weights, full_batches: bool):
         """The current epoch's training batches for `trainer`."""
@@ -328,6 +355,8 @@ def _train(
         # The model before training is the first candidate: a fine-tuning that
         # never does better on validation returns it (the probe, by default).
         first = job.trainer(2 if settings.from_scratch else 1)
+        if settings.from_scratch:
+            job.estimate_batchnorm(first)
         logs = _validation_logs(job, first)
         _keep(job, logs, -1)
         log.info(
@@ -364,6 +393,8 @@ def _train(
                 callbacks=[*([bar] if progress else []), *callbacks],
             )
             logs = {key: values[-1] for key, values in history.history.items()}
+            if settings.from_scratch:
+                job.estimate_batchnorm(trainer)
             if validation:
                 logs.update(_validation_logs(job, trainer))
             _end_epoch(job, trainer.model, logs, time.perf_counter() - began)
