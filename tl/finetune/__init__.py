@@ -9,7 +9,7 @@ The package, one concept per module:
     data.py         labelled indexes, readable files, splits, training batches
     checkpoint.py   the run's state, checkpoints, opening (and resuming) a run folder
     training.py     the two stages, epoch by epoch
-    outputs.py      history, confusion matrix and splits as tables and plots
+    outputs.py      progress bars; history, confusion matrix, splits as tables, plots
     saved.py        the saved model: its format, its layers, `load_finetuned`
     run.py          `fine_tune`: a run from image folder to exported model
 """

@@ -1,16 +1,43 @@
-"""The reports of a run: history, confusion matrix and splits, as tables and plots."""
+"""What a run shows: a progress bar per epoch; history, confusion matrix and splits
+as tables and plots."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from tqdm.auto import tqdm
 
 from tl.finetune.data import Splits
 from tl.reports import plot_confusion
+
+
+class _ProgressBar(keras.callbacks.Callback):
+    """A tqdm bar over one epoch's steps, with the running loss."""
+
+    def __init__(self, steps: int, description: str):
+        super().__init__()
+        self.steps = steps
+        self.description = description
+        self.bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.bar = tqdm(
+            total=self.steps, desc=self.description, unit="step", leave=False
+        )
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(1)
+        if logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.bar.close()
+
 
 _HISTORY_COLUMNS = (
     "epoch",

@@ -27,7 +27,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from tqdm.auto import tqdm
 
 from tl.errors import TLError
 from tl.features import compiled_extractor
@@ -49,7 +48,7 @@ from tl.finetune.data import (
     class_weights,
 )
 from tl.finetune.model import FineTuneModel
-from tl.finetune.outputs import _write_history
+from tl.finetune.outputs import _ProgressBar, _write_history
 from tl.finetune.settings import FineTuneSettings
 from tl.images import ImageIndex, decoded_batches
 
@@ -182,29 +181,6 @@ class _TrainingJob:
 
 # ---------------------------------------------------------------------------------
 # Training
-
-
-class _ProgressBar(keras.callbacks.Callback):
-    """A tqdm bar over one epoch's steps, with the running loss."""
-
-    def __init__(self, steps: int, description: str):
-        super().__init__()
-        self.steps = steps
-        self.description = description
-        self.bar = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.bar = tqdm(
-            total=self.steps, desc=self.description, unit="step", leave=False
-        )
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.bar.update(1)
-        if logs and "loss" in logs:
-            self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.bar.close()
 
 
 def _compile(
