@@ -16,7 +16,8 @@ fine-tuning scores.
 
 Each ratio is measured in one run, both sides on the same images, one after the
 other. The machine may be shared: timings are noisy, so run it again before trusting
-a figure. Random weights serve for (a) and (b): the time does not depend on them.
+a figure. VGG16 has learned weights when bench/hed_weights.py has written them,
+ResNet50 random ones: the time does not depend on them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 CASES = [("vgg16", "block5"), ("resnet50", "conv5")]
-SIZE = 224
+# Learned VGG16 weights when bench/hed_weights.py has written them (the probe's
+# convergence, not the time, depends on them); random ones otherwise.
+HED = HERE / "out" / "vgg16_hed_notop.weights.h5"
+
+
+def weights_of(backbone: str) -> dict:
+    """The weights settings for `backbone` in this benchmark."""
+    if backbone == "vgg16" and HED.exists():
+        return {"weights": str(HED)}
+    return {"weights": "none", "from_scratch": False}
 
 
 def multiply_adds(model) -> dict[str, int]:
@@ -58,12 +68,12 @@ def multiply_adds(model) -> dict[str, int]:
     return counts
 
 
-def frozen_share(backbone: str, unfreeze: str) -> float:
+def frozen_share(backbone: str, unfreeze: str, size: int) -> float:
     """The fraction of the backbone's multiply-adds below its first unfrozen layer."""
     from tl.finetune import FineTuneSettings, build_model
 
     settings = FineTuneSettings.create(
-        backbone=backbone, weights="none", from_scratch=False, image_size=SIZE,
+        backbone=backbone, weights="none", from_scratch=False, image_size=size,
         unfreeze=unfreeze,
     )  # fmt: skip
     net = build_model(settings, 2)
@@ -78,21 +88,21 @@ def epoch_seconds(history) -> float:
     return statistics.median(seconds[1:] or seconds)
 
 
-def part_a(images: Path, work: Path) -> None:
+def part_a(images: Path, work: Path, size: int) -> None:
     from tl.finetune import fine_tune
 
-    print("(a) stage-2 epoch, cached vs uncached, 224x224")
+    print(f"(a) stage-2 epoch, cached vs uncached, {size}x{size}")
     for backbone, unfreeze in CASES:
         times = {}
         for cache in (True, False):
             result = fine_tune(
                 images, work / f"a_{backbone}_{cache}", backbone=backbone,
-                weights="none", from_scratch=False, image_size=SIZE,
-                unfreeze=unfreeze, epochs=3, val_split=0.1, test_split=0.05,
-                cache=cache, overwrite=True, progress=False,
+                image_size=size, unfreeze=unfreeze, epochs=3, val_split=0.1,
+                test_split=0.05, cache=cache, overwrite=True, progress=False,
+                **weights_of(backbone),
             )  # fmt: skip
             times[cache] = epoch_seconds(result.history)
-        share = frozen_share(backbone, unfreeze)
+        share = frozen_share(backbone, unfreeze, size)
         print(
             f"  {backbone} --unfreeze {unfreeze}: {times[False]:.1f} s uncached, "
             f"{times[True]:.1f} s cached: {times[False] / times[True]:.1f}x; frozen "
@@ -101,7 +111,7 @@ def part_a(images: Path, work: Path) -> None:
         )
 
 
-def part_b(images: Path, work: Path) -> None:
+def part_b(images: Path, work: Path, size: int) -> None:
     """Both stage 1s on the same images and model: tl's own pieces, timed."""
     import keras
 
@@ -111,10 +121,10 @@ def part_b(images: Path, work: Path) -> None:
     from tl.finetune.data import _over_images, _training_batches, prepare_splits
     from tl.finetune.head_init import fit_probe, initialise_head, linear_probe
 
-    print("(b) stage 1 on VGG16 --unfreeze block5 at 224x224")
+    print(f"(b) stage 1 on VGG16 --unfreeze block5 at {size}x{size}")
     settings = FineTuneSettings.create(
-        backbone="vgg16", weights="none", from_scratch=False, image_size=SIZE,
-        unfreeze="block5", epochs=1, val_split=0.1, test_split=0.05,
+        backbone="vgg16", image_size=size, unfreeze="block5", epochs=1,
+        val_split=0.1, test_split=0.05, **weights_of("vgg16"),
     ).resolved()  # fmt: skip
     splits = prepare_splits(labelled_index(images), settings)
     classes = len(splits.train.class_names)
@@ -160,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=240, help="generated JPEGs")
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c"])
+    parser.add_argument("--size", type=int, default=224, help="input side (a, b)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(HERE))
@@ -169,9 +180,9 @@ def main() -> None:
         work = Path(folder)
         images = make_shapes_dataset(work / "images", per_class=args.images // 4)
         if "a" in args.parts:
-            part_a(images, work)
+            part_a(images, work, args.size)
         if "b" in args.parts:
-            part_b(images, work)
+            part_b(images, work, args.size)
     if "c" in args.parts:
         part_c()
     print(json.dumps({"note": "timings on a shared machine are noisy; rerun"}))

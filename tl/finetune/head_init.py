@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
+from threadpoolctl import threadpool_limits
 
 from tl.classifiers import CLASSIFIERS, SavedClassifier, as_features
 from tl.errors import TLError
@@ -169,20 +170,23 @@ def fit_probe(
         default C is used), folds.
     """
     features = as_features(codes)
+    large = features.size > _PARALLEL_SEARCH_VALUES
     comparison = ComparisonSettings(
         classifiers=(PROBE_CLASSIFIER,),
         normalization="standard",
         class_weight=settings.class_weight,
         seed=settings.seed,
-        # worker processes take seconds to start: worth it for large codes only
-        jobs=-1 if features.size > _PARALLEL_SEARCH_VALUES else 1,
+        jobs=-1 if large else 1,
     )
-    params, scores = choose_hyperparameters(
-        PROBE_CLASSIFIER, features, labels, comparison
-    )
-    pipeline, seconds = fit_pipeline(
-        PROBE_CLASSIFIER, params, features, labels, comparison
-    )
+    # Small codes: worker processes take seconds to start, and BLAS threads cost
+    # more than they give (10x slower fits measured on a busy 2-core machine).
+    with threadpool_limits(None if large else 1):
+        params, scores = choose_hyperparameters(
+            PROBE_CLASSIFIER, features, labels, comparison
+        )
+        pipeline, seconds = fit_pipeline(
+            PROBE_CLASSIFIER, params, features, labels, comparison
+        )
     return pipeline, {
         "classifier": PROBE_CLASSIFIER,
         "normalization": "standard",
