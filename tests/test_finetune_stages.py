@@ -187,18 +187,17 @@ def test_an_epoch_is_kept_for_a_lower_loss_never_below_the_start_accuracy(
     assert better(state(stage, 0.5, 0.75 if stage == 2 else None), logs) is kept
 
 
-def test_a_stage_2_that_wrecks_the_model_returns_the_probe(tmp_path, caplog):
-    images = write_brightness_tree(tmp_path / "images", per_class=12)
-    run_fine_tune(images, tmp_path / "probe", RANDOM_VGG, epochs=0, progress=False)
+def test_a_stage_2_that_wrecks_the_model_returns_the_probe(probe_run, tmp_path, caplog):
+    images, probe = probe_run
     with caplog.at_level(logging.WARNING, logger="tl"):
         wrecked = run_fine_tune(images, tmp_path / "run", RANDOM_VGG, epochs=2,
                                 learning_rate=10.0, progress=False)  # fmt: skip
     assert wrecked.best_epoch == -1
-    assert (wrecked.history["val_loss"] > 1.0).all()
-    probe, kept = (load_finetuned(tmp_path / n).model for n in ("probe", "run"))
+    assert (wrecked.history["val_loss"] > 1.5).all()
+    probe, kept = (load_finetuned(folder).model for folder in (probe, tmp_path / "run"))
     for a, b in zip(probe.get_weights(), kept.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    # 3 validation images per class: the run says that choosing on them is noise
+    # 1 or 2 validation images per class: the run says choosing on them is noise
     metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
     assert metadata["validation"]["noisy"] is True
     assert "early stopping and the choice of the kept model" in caplog.text
