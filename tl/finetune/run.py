@@ -176,13 +176,20 @@ def fine_tune(
         progress=progress,
     )
     directory.mkdir(parents=True, exist_ok=True)
-    what = (
-        f"trains all layers of {net.spec.name} from scratch"
-        if settings.from_scratch
-        else f"stage 1 starts the head as a {settings.head_init} head; stage 2 "
-        f"trains {len(net.unfrozen)} layers of {net.spec.name} (--unfreeze "
-        f"{settings.unfreeze})"
-    )
+    if settings.from_scratch:
+        what = f"trains all layers of {net.spec.name} from scratch"
+    else:
+        head = {
+            "probe": "fits a probe on the frozen codes",
+            "random": f"trains a new head on the frozen codes for "
+            f"{settings.head_epochs} epochs",
+        }[settings.head_init]
+        if saved is not None:
+            head = "starts the head as the --init-head probe"
+        what = (
+            f"stage 1 {head}; stage 2 trains {len(net.unfrozen)} layers of "
+            f"{net.spec.name} (--unfreeze {settings.unfreeze})"
+        )
     log.info(
         "%s: %d classes; %s; %s",
         source,
