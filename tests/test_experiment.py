@@ -138,7 +138,7 @@ def work_counter(monkeypatch) -> Counted:
     counted = Counted(monkeypatch)
     counted.watch(tl.features, "load_extractor")
     counted.watch(tl.evaluation, "_search")
-    counted.watch(tl.evaluation, "_fit")
+    counted.watch(tl.evaluation, "fit_pipeline")
     counted.watch(keras.Model, "fit")
     return counted
 

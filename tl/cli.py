@@ -150,6 +150,7 @@ def add_backbone_options(
     *,
     backbone_help: str = "backbone name (see --list-backbones)",
     seed_help: str = "random initialisation seed (--weights none)",
+    weights_help: str = "imagenet, none (random, for tests) or a weights file",
 ) -> None:
     """-b/--backbone, -w/--weights, --precision and --seed on `parser` (or one of
     its argument groups), their defaults from `defaults`."""
@@ -160,7 +161,7 @@ def add_backbone_options(
         "-w",
         "--weights",
         default=defaults.weights,
-        help="imagenet, none (random, for tests) or a weights file",
+        help=weights_help,
     )
     parser.add_argument(
         "--precision",
