@@ -30,6 +30,7 @@ import run_experiment
 import tl.evaluation
 import tl.features
 from tl import locking
+from tl.backbones import build_backbone, get_backbone
 from tl.classifiers import as_features, load_classifier
 from tl.errors import TLError
 from tl.evaluation import compare
@@ -37,8 +38,7 @@ from tl.experiment import FeatureCache, run
 from tl.experiment.cache import base_identity
 from tl.experiment.plan import ExtractStep, FineTuneStep, ProbeStep
 from tl.experiment.report import mcnemar_p_value, paired_comparison, wilson_interval
-from tl.experiment.spec import head_options
-from tl.finetune import FineTuneSettings
+from tl.experiment.spec import head_options, load_spec
 from tl.store import FeatureStore
 
 CLASSES = {"ant": 8, "bee": 8}
@@ -588,16 +588,65 @@ def test_one_probe_per_step_equals_one_comparison_of_all(tmp_path):
         )
 
 
-@pytest.mark.skipif(
-    "head_init" not in FineTuneSettings.json_keys(),
-    reason="FineTuneSettings has no head_init yet (issue 9); this tl trains a "
-    "random head in stage 1, and refuses init_head = 'probe'",
-)
-def test_init_head_probe_and_random_are_fine_tunings_head_init(tmp_path):
-    assert head_options("probe") == {"head_init": "probe"}
-    assert head_options("random") == {"head_init": "random"}
+def test_init_head_and_strategy_become_fine_tunings_settings(tmp_path):
+    """`init_head = "probe" | "random"` is fine-tuning's head_init; `strategy =
+    "scratch"` (or `weights = "none"` over a pretrained backbone) trains from random
+    weights with BatchNorm in training mode; a fine-tune of a random-weight backbone
+    is fine-tuned like a pretrained one, never silently trained from scratch."""
+    write_png_tree(tmp_path / "images", {"a": 2, "b": 2})
+    weights = tmp_path / "vgg16.weights.h5"
+    model, _ = build_backbone(get_backbone("vgg16"), (SMALL, SMALL), "none")
+    model.save_weights(weights)
+
+    def finetunes(backbone_weights: str, *entries: dict) -> list:
+        spec = load_spec(
+            {
+                "experiment": {"name": "heads", "output_dir": str(tmp_path / "out")},
+                "data": {"train": str(tmp_path / "images")},
+                "backbone": [
+                    {
+                        "name": "vgg16",
+                        "weights": backbone_weights,
+                        "image_size": SMALL,
+                        "layers": ["last"],
+                    }
+                ],
+                "probe": {"classifiers": ["logreg"]},
+                "finetune": list(entries),
+            }
+        )
+        return [
+            (
+                entry.strategy,
+                entry.settings.backbone.weights,
+                entry.settings.resolved().head_init,
+                entry.settings.resolved().from_scratch,
+            )
+            for entry in spec.finetunes
+        ]
+
+    pretrained = str(weights)
+    assert finetunes(
+        pretrained,
+        {"init_head": "probe"},
+        {"init_head": "random"},
+        {"strategy": "scratch"},
+        {"weights": "none"},
+        {"strategy": "scratch", "init_head": "random"},
+    ) == [
+        ("fine_tune", pretrained, "probe", False),
+        ("fine_tune", pretrained, "random", False),
+        ("scratch", "none", "random", True),
+        ("scratch", "none", "random", True),
+        ("scratch", "none", "random", True),
+    ]
+    assert finetunes("none", {"unfreeze": "block5"}, {"init_head": "random"}) == [
+        ("fine_tune", "none", "probe", False),
+        ("fine_tune", "none", "random", False),
+    ]
+    with pytest.raises(TLError, match=r"finetune\[0\]\.init_head: 'probe' starts"):
+        finetunes(pretrained, {"strategy": "scratch", "init_head": "probe"})
     assert head_options("best_probe", tmp_path) == {"init_head": str(tmp_path)}
-    FineTuneSettings.create(backbone="vgg16", **head_options("probe"))
 
 
 # ---------------------------------------------------------------------------------
