@@ -8,6 +8,7 @@ of its folders or on experiments of their own.
 from __future__ import annotations
 
 import copy
+import html
 import json
 import math
 import os
@@ -37,7 +38,15 @@ from tl.evaluation import compare
 from tl.experiment import FeatureCache, run
 from tl.experiment.cache import base_identity
 from tl.experiment.plan import ExtractStep, FineTuneStep, ProbeStep
-from tl.experiment.report import mcnemar_p_value, paired_comparison, wilson_interval
+from tl.experiment.report import (
+    chosen_without_test,
+    leaderboard,
+    mcnemar_p_value,
+    paired_comparison,
+    selection_line,
+    selection_paragraph,
+    wilson_interval,
+)
 from tl.experiment.spec import head_options, load_spec
 from tl.store import FeatureStore
 
@@ -236,6 +245,16 @@ def test_report_is_one_file_with_the_winner(finished):
     assert f"Test accuracy {winner.test_accuracy:.3f}" in page
     assert f"95% interval {winner.test_ci_low:.3f}–{winner.test_ci_high:.3f}" in page
     assert "McNemar" in page
+    # the winner is called optimistic; the training-side picks are shown
+    records = result.plan.finished_records()
+    assert html.escape(selection_paragraph(result.leaderboard, records)) in page
+    probes = [r for r in records if r["strategy"] == "probe"]
+    best_cv = max(r["cv_accuracy"] for r in probes)
+    honest = min(
+        (r for r in probes if r["cv_accuracy"] == best_cv), key=lambda r: r["cv_std"]
+    )
+    assert chosen_without_test(records)[0] is honest
+    assert f"{honest['backbone']} {honest['layer']}" in page.split("honest estimate")[1]
     for title in ("Accuracy against layer depth", "Probes against fine-tuning",
                   "Low-shot curves", "Time per step", "Stores"):  # fmt: skip
         assert f"<h2>{title}</h2>" in page
@@ -246,14 +265,20 @@ def test_report_is_one_file_with_the_winner(finished):
         assert key in page  # the provenance of every store
 
 
-def test_rerun_does_no_work_and_gives_the_same_results(finished, tmp_path, monkeypatch):
+def test_rerun_does_no_work_and_gives_the_same_results(
+    finished, tmp_path, monkeypatch, capsys
+):
     spec, first = finished
     spec = copied(spec, tmp_path)
     counted = work_counter(monkeypatch)
+    capsys.readouterr()
     again = run(spec, progress=False)
     assert again.ran == []
     assert set(counted.calls.values()) == {0}, counted.calls
     pd.testing.assert_frame_equal(again.leaderboard, first.leaderboard)
+    line = selection_line(again.leaderboard, again.plan.finished_records())
+    assert line.startswith("Optimistic: #1 is the best of 9 on the same 4 test")
+    assert f"\n{line}\nreport: {again.report}\n" in capsys.readouterr().out
 
 
 def test_plan_shows_every_step_cached_and_runs_nothing(
@@ -546,6 +571,50 @@ def test_paired_comparison_matches_images_by_path():
     assert (paired.images, paired.only_first, paired.only_second) == (12, 3, 0)
     assert paired.second_accuracy == pytest.approx(9 / 12)
     assert paired.p_value == pytest.approx(2 / 2**3)
+
+
+def _candidate(key, strategy, *, right, cv=None, std=0.0, val=None) -> dict:
+    """A finished step's record: right on the first `right` of 20 test images."""
+    truth = ["a", "b"] * 10
+    predicted = truth[:right] + [{"a": "b", "b": "a"}[t] for t in truth[right:]]
+    return {
+        "key": key, "backbone": "net", "strategy": strategy, "layer": key,
+        "pooling": "avg", "classifier": "logreg", "cv_accuracy": cv, "cv_std": std,
+        "val_accuracy": val, "params": {}, "fit_seconds": 0.0, "seconds": 0.0,
+        "depth": None, "store": None, "test_store": None, "model": key,
+        "test": {"accuracy": right / 20, "balanced_accuracy": right / 20,
+                 "macro_f1": right / 20},
+        "predictions": {"paths": [f"/t/{n}.png" for n in range(20)],
+                        "truth": truth, "predicted": predicted},
+    }  # fmt: skip
+
+
+def test_the_candidates_chosen_without_the_test_images_are_shown_beside_the_winner():
+    """The winner (best of 6 on the same test images) is called optimistic; the
+    honest estimates are the probe with the best CV accuracy (ties: the lower
+    spread, then the plan's order, never the test) and the fine-tune with the best
+    validation accuracy, each with its own test accuracy and interval."""
+    records = [
+        _candidate("first", "probe", right=12, cv=0.8, std=0.1),
+        _candidate("steady", "probe", right=14, cv=0.8, std=0.05),
+        _candidate("tie", "probe", right=17, cv=0.8, std=0.05),  # later in the plan
+        _candidate("lucky", "probe", right=19, cv=0.7),  # the winner on test
+        _candidate("tuned", "fine_tune", right=15, val=0.9),
+        _candidate("unvalidated", "fine_tune", right=18),  # no validation images
+        _candidate("scratch", "scratch", right=10, val=0.5),
+    ]
+    assert [r["key"] for r in chosen_without_test(records)] == ["steady", "tuned"]
+    table = leaderboard(records)
+    assert table.step.iloc[0] == "lucky"
+    line = selection_line(table, records)
+    assert "Optimistic: #1 is the best of 7 on the same 20 test images." in line
+    for name, right in (("steady", 14), ("tuned", 15)):
+        low, high = wilson_interval(right, 20)
+        assert f"test {right / 20:.3f}, 95% interval {low:.3f}–{high:.3f}" in line
+        assert name in line
+    assert "lucky" not in line.split("Chosen without them")[1]
+    assert "optimistic by construction" in selection_paragraph(table, records)
+    assert selection_line(table.head(1), records[:1]) == ""
 
 
 def test_one_probe_per_step_equals_one_comparison_of_all(tmp_path):

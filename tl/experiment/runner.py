@@ -34,7 +34,7 @@ from tl.experiment.plan import (
     ProbeStep,
     make_plan,
 )
-from tl.experiment.report import format_top, write_report
+from tl.experiment.report import format_top, selection_line, write_report
 from tl.experiment.spec import ExperimentSpec, head_options, load_spec
 from tl.experiment.splits import fine_tune_lists, prepare_data
 from tl.images import ImageIndex, index_images
@@ -118,6 +118,8 @@ def run(
     _write_run(plan, ran, time.perf_counter() - began)
     table, report = write_report(plan, ran)
     _say(format_top(table))
+    if selection := selection_line(table, plan.finished_records()):
+        _say(selection)
     _say(f"report: {report}")
     return ExperimentResult(spec, plan, ran, table, report)
 
