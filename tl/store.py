@@ -764,6 +764,12 @@ class FeatureStore:
         """Dataset keys, in the order they were requested."""
         return [info["key"] for info in self.layer_info]
 
+    @property
+    def images_done(self) -> int:
+        """Input positions consumed so far (written or skipped), counted from the
+        start of this store's slice of the index."""
+        return int(self._file.attrs["images_done"])
+
     def __len__(self) -> int:
         return int(self._file.attrs["rows"])
 
