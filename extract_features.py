@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tl.cli import ArgumentParser, ListOption, check_output, default_output, run_cli
+from tl.cli import (
+    ArgumentParser,
+    ListOption,
+    add_dask_option,
+    check_output,
+    default_output,
+    run_cli,
+)
 from tl.errors import TLError
 
 
@@ -126,6 +133,12 @@ def build_parser() -> ArgumentParser:
         metavar="SHARD",
         help="join complete shard files into --output and exit",
     )
+    add_dask_option(run)
+    run.add_argument(
+        "--keep-shards",
+        action="store_true",
+        help="with --dask: keep the shard stores (<output>.shards/) after the merge",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     info = parser.add_argument_group("information")
     info.add_argument(
@@ -150,6 +163,25 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+def _check_dask_options(args: argparse.Namespace) -> None:
+    if args.keep_shards and not args.dask:
+        raise TLError("--keep-shards goes with --dask (the shards of a Dask run).")
+    clash = [
+        flag
+        for flag, given in (
+            ("--shard", args.shard),
+            ("--merge", args.merge),
+            ("--resume", args.resume),
+        )
+        if given
+    ]
+    if args.dask and clash:
+        raise TLError(
+            f"--dask splits, resumes and merges shards itself; drop {clash[0]} (re-run "
+            f"the same --dask command to resume it)."
+        )
+
+
 def _command(args: argparse.Namespace) -> int:
     from tl import backbones, features, store
     from tl.precision import half_precision_hint
@@ -161,6 +193,7 @@ def _command(args: argparse.Namespace) -> int:
         size = features.ExtractionSettings(image_size=args.image_size).image_size
         print(backbones.describe_layers(args.list_layers, size))
         return 0
+    _check_dask_options(args)
     options = {"batch_size": args.batch_size, "progress": not args.quiet}
     if args.merge:
         if not args.output:
@@ -201,6 +234,8 @@ def _command(args: argparse.Namespace) -> int:
             compression=None if args.compression == "none" else args.compression,
             shard=_shard(args.shard),
             overwrite=args.overwrite,
+            client=args.dask,
+            keep_shards=args.keep_shards,
             **options,
         )
     print(

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tl.cli import ArgumentParser, ListOption, check_output, run_cli
+from tl.cli import ArgumentParser, ListOption, add_dask_option, check_output, run_cli
 
 
 def build_parser() -> ArgumentParser:
@@ -84,8 +84,13 @@ def build_parser() -> ArgumentParser:
     evaluation.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("run")
     run.add_argument(
-        "-j", "--jobs", type=int, default=-1, help="parallel CV fits (-1: all cores)"
+        "-j",
+        "--jobs",
+        type=int,
+        default=-1,
+        help="parallel CV fits (-1: all cores, or all threads of the --dask workers)",
     )
+    add_dask_option(run)
     run.add_argument("--save", choices=["best", "all"], default="best")
     run.add_argument(
         "--out-of-core",
@@ -140,7 +145,11 @@ def _command(args: argparse.Namespace) -> int:
     )
     with FeatureStore(args.store) as store:
         result = evaluation.compare(
-            store, settings, test_store=args.test_store, progress=not args.quiet
+            store,
+            settings,
+            test_store=args.test_store,
+            progress=not args.quiet,
+            client=args.dask,
         )
         print(reports.format_leaderboard(result))
         run = {"arguments": vars(args), "versions": classifiers.library_versions()}
