@@ -1,13 +1,14 @@
 """Dask extraction benchmark: prints its figures (ratios measured in one run).
 
     python bench/dask_extraction.py [--images 320] [--backbone mobilenetv2]
-        [--repeats 2] [--merge-rows 10000 100000]
+        [--repeats 3] [--merge-rows 10000 100000 400000]
 
-(a) `--dask local:2` (two worker processes, one thread each) against one process
-    (TensorFlow's default: a thread per core) on the same generated 500x375 JPEGs at
-    224x224: throughput of the extraction itself, end to end on a running cluster,
-    the merge, the rest (plan, scheduling), and the one-off start of the workers
-    (TensorFlow import, model build). The best of `--repeats` runs of each is kept.
+(a) `--dask local:2` (two worker processes, one task thread each) against one
+    process on the same generated 500x375 JPEGs at 224x224: throughput of the
+    extraction itself, end to end on a running cluster, CPU seconds per image over
+    all processes (which other programs' load barely changes), the merge, the rest
+    (plan, scheduling), and the one-off start of the workers (TensorFlow import,
+    model build). Runs alternate; the best of `--repeats` of each is kept.
 (b) merging synthetic shard stores (4 shards, 512 float32 codes per row, realistic
     paths) of 10k, 100k and 400k rows: seconds and microseconds per row (linear:
     about the same per row at every size).
@@ -49,6 +50,12 @@ def timed(function, *args, **kwargs):
     return value, time.perf_counter() - began
 
 
+def cpu_seconds(client) -> float:
+    """CPU seconds used so far by this process (the client, and the scheduler of a
+    local cluster) and by every worker process."""
+    return time.process_time() + sum(client.run(time.process_time).values())
+
+
 def section_a(results: dict, images: int, backbone: str, repeats: int) -> None:
     from tl.distributed import connected
     from tl.features import ExtractionSettings, extract
@@ -70,10 +77,13 @@ def section_a(results: dict, images: int, backbone: str, repeats: int) -> None:
                 extract, folder, scratch / "cold.h5", settings, client=client, **options
             )
             for _ in range(repeats):
+                cpu = time.process_time()
                 result, wall = timed(
                     extract, folder, scratch / "one.h5", settings, **options
                 )
-                single.append({"wall": wall, "extraction": result.seconds})
+                cpu = time.process_time() - cpu
+                single.append({"wall": wall, "extraction": result.seconds, "cpu": cpu})
+                cpu = cpu_seconds(client)
                 result, wall = timed(
                     extract,
                     folder,
@@ -83,10 +93,16 @@ def section_a(results: dict, images: int, backbone: str, repeats: int) -> None:
                     keep_shards=True,
                     **options,
                 )
+                cpu = cpu_seconds(client) - cpu
                 shards = sorted((scratch / "dask.h5.shards").glob("*.h5"))
                 _, merge = timed(merge_stores, shards, scratch / "m.h5", overwrite=True)
                 on_dask.append(
-                    {"wall": wall, "extraction": result.seconds, "merge": merge}
+                    {
+                        "wall": wall,
+                        "extraction": result.seconds,
+                        "merge": merge,
+                        "cpu": cpu,
+                    }
                 )
             closing = time.perf_counter()
         stop = time.perf_counter() - closing
@@ -95,6 +111,8 @@ def section_a(results: dict, images: int, backbone: str, repeats: int) -> None:
     rate_single = images / best_single["extraction"]
     rate_dask = images / best_dask["extraction"]
     rest = best_dask["wall"] - best_dask["extraction"] - best_dask["merge"]
+    cpu_single = min(run["cpu"] for run in single) / images
+    cpu_dask = min(run["cpu"] for run in on_dask) / images
     figures = {
         "backbone": backbone,
         "images": images,
@@ -104,6 +122,9 @@ def section_a(results: dict, images: int, backbone: str, repeats: int) -> None:
         "single_wall_s": best_single["wall"],
         "dask_wall_s": best_dask["wall"],
         "end_to_end_ratio": best_single["wall"] / best_dask["wall"],
+        "single_cpu_ms_per_image": cpu_single * 1e3,
+        "dask_cpu_ms_per_image": cpu_dask * 1e3,
+        "cpu_ratio": cpu_single / cpu_dask,
         "merge_s": best_dask["merge"],
         "merge_share": best_dask["merge"] / best_dask["wall"],
         "rest_s": rest,
@@ -123,6 +144,11 @@ def section_a(results: dict, images: int, backbone: str, repeats: int) -> None:
     print(
         f"end to end (cluster running): one process {best_single['wall']:.1f} s, "
         f"local:2 {best_dask['wall']:.1f} s: ratio {figures['end_to_end_ratio']:.2f}"
+    )
+    print(
+        f"CPU per image (all processes, whole run): one process "
+        f"{cpu_single * 1e3:.1f} ms, local:2 {cpu_dask * 1e3:.1f} ms: ratio "
+        f"{figures['cpu_ratio']:.2f} (under load, the fairer measure of waste)"
     )
     print(
         f"  of the local:2 run: merge {best_dask['merge']:.2f} s "
@@ -200,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--backbone", default="mobilenetv2")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--merge-rows", type=int, nargs="+", default=[10_000, 100_000, 400_000]
     )
