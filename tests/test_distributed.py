@@ -87,16 +87,43 @@ def test_cli_on_a_scheduler_address_writes_the_single_process_store(
     assert not lock_path(output).exists()
 
 
+def _extraction_topics(dask_scheduler=None) -> list[str]:
+    """The topics of the progress events that extractions have sent so far."""
+    return [t for t in dask_scheduler.get_events() if t.startswith("tl-extraction-")]
+
+
+def _reported(client, topics_before: set[str]) -> dict[int, list[int]]:
+    """The images done that the workers reported per shard, in the one extraction
+    run since `topics_before`."""
+    (topic,) = set(client.run_on_scheduler(_extraction_topics)) - topics_before
+    reported = {}
+    for _, (shard, done) in client.get_events(topic):
+        reported.setdefault(shard, []).append(done)
+    return reported
+
+
 @needs_dask
 def test_finished_shards_are_never_extracted_again(client, images, reference, tmp_path):
     from distributed import get_task_stream
 
     output = tmp_path / "codes.h5"
     options = dict(progress=False, client=client, keep_shards=True)
-    extract(images, output, settings(layers=LAYERS), **options)
+    topics = set(client.run_on_scheduler(_extraction_topics))
+    seen = []
+    extract(
+        images,
+        output,
+        settings(layers=LAYERS),
+        batch_size=1,
+        on_batch=lambda done, total: seen.append((done, total)),
+        **options,
+    )
     shards = sorted((tmp_path / "codes.h5.shards").glob("*.h5"))
     assert len(shards) == 8
     written = output.stat().st_mtime_ns
+    # every batch a worker commits is reported, and the progress adds them up
+    assert _reported(client, topics) == {shard: [1, 2, 3] for shard in range(8)}
+    assert seen[-1] == (24, 24) and seen == sorted(seen)
 
     with get_task_stream(client) as tasks:
         again = extract(images, output, settings(layers=LAYERS), **options)
@@ -164,6 +191,7 @@ def test_worker_killed_in_a_shard_is_replaced_and_the_store_is_identical(
     flag = tmp_path / "kill-once"
     flag.touch()
     pids = set(client.run(os.getpid).values())
+    topics = set(client.run_on_scheduler(_extraction_topics))
     client.run(_kill_in_the_last_shard_once, str(flag))
     try:
         result = extract(
@@ -180,6 +208,13 @@ def test_worker_killed_in_a_shard_is_replaced_and_the_store_is_identical(
     assert len(pids - set(client.run(os.getpid).values())) == 1  # ...and replaced
     assert result.images_processed == 24
     assert_same_store(reference, tmp_path / "codes.h5")
+    # the retried shard resumed after its 2 committed images: it reported 3 next,
+    # not 1 and 2 again (a report sent just before the kill may be lost)
+    reported = _reported(client, topics)
+    assert {shard: reported[shard] for shard in range(7)} == {
+        shard: [1, 2, 3] for shard in range(7)
+    }
+    assert reported[7][-1] == 3 and reported[7] == sorted(set(reported[7]))
 
 
 @needs_dask
