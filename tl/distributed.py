@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -46,6 +47,12 @@ from tqdm.auto import tqdm
 from tl.errors import TLError
 from tl.locking import acquire
 from tl.store import FeatureStore, merge_into, refuse_foreign_file
+
+if TYPE_CHECKING:  # Dask and TensorFlow are imported only when used
+    from distributed import Client
+
+    from tl.features import ExtractionResult, ExtractionSettings, Extractor
+    from tl.images import ImageIndex
 
 log = logging.getLogger("tl")
 
@@ -73,7 +80,7 @@ def _distributed():
 
 
 @contextlib.contextmanager
-def connected(client) -> Iterator:
+def connected(client: Client | str) -> Iterator[Client]:
     """A `distributed.Client` for `client`, closed afterwards if made here.
 
     Args:
@@ -103,7 +110,7 @@ def connected(client) -> Iterator:
         yield made
 
 
-def check_client(client) -> str:
+def check_client(client: Client | str) -> str:
     """Refuse at once, in one line, a `client` that cannot work: Dask missing, or a
     cluster that is neither `local:N` nor an address. Returns the cluster as text."""
     distributed = _distributed()
@@ -163,7 +170,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def _worker_threads(client) -> int:
+def _worker_threads(client: Client) -> int:
     """Threads over all workers, waiting a while for a first worker to join."""
     if not client.nthreads():
         try:
@@ -177,7 +184,7 @@ def _worker_threads(client) -> int:
     return sum(client.nthreads().values())
 
 
-def _task_resources(client) -> dict | None:
+def _task_resources(client: Client) -> dict | None:
     """`{"GPU": 1}` when workers advertise GPUs (`dask worker --resources GPU=1`),
     so that each shard runs on a GPU of its own; None otherwise."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
@@ -213,16 +220,16 @@ class Shard:
 def extract(
     source: str | Path,
     output: str | Path,
-    settings,
+    settings: ExtractionSettings,
     *,
-    client,
+    client: Client | str,
     batch_size: int = 32,
     compression: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
     keep_shards: bool = False,
-):
+) -> ExtractionResult:
     """`tl.features.extract` on a Dask cluster; see the module docstring.
 
     Every shard that is complete is kept, one that is half done resumes, and an
@@ -277,7 +284,7 @@ def extract(
         return features.finished_result(output, processed, seconds)
 
 
-def _extracted_already(output: Path, extractor, index) -> bool:
+def _extracted_already(output: Path, extractor: Extractor, index: ImageIndex) -> bool:
     """True when `output` holds this extraction, complete; refuses one with other
     settings, or a single-process run that was interrupted."""
     from tl import features
@@ -295,7 +302,9 @@ def _extracted_already(output: Path, extractor, index) -> bool:
     )
 
 
-def _plan(folder: Path, extractor, index, wanted: int) -> list[Shard]:
+def _plan(
+    folder: Path, extractor: Extractor, index: ImageIndex, wanted: int
+) -> list[Shard]:
     """The shards of this run: the split found in `folder` if any (its stores are
     checked against this extraction), else `wanted` shards (at most one per image)."""
     from tl import features
@@ -327,7 +336,7 @@ def _plan(folder: Path, extractor, index, wanted: int) -> list[Shard]:
     return shards
 
 
-def _stored_progress(shard: Shard, extractor, index) -> Shard:
+def _stored_progress(shard: Shard, extractor: Extractor, index: ImageIndex) -> Shard:
     """`shard` with what its store holds; a store that cannot be read is extracted
     again (a shard is tl's own intermediate file), one of another extraction is
     refused."""
@@ -354,7 +363,13 @@ def _stored_progress(shard: Shard, extractor, index) -> Shard:
         )
 
 
-def _announce(extractor, index, shards: list[Shard], threads: int, output) -> None:
+def _announce(
+    extractor: Extractor,
+    index: ImageIndex,
+    shards: list[Shard],
+    threads: int,
+    output: Path,
+) -> None:
     """Log the plan and refuse a run whose shards and merged store do not fit."""
     from tl import features
 
@@ -384,17 +399,17 @@ class _ShardJob:
     """What every shard task of one run shares."""
 
     source: str
-    settings: object  # ExtractionSettings, resolved
+    settings: ExtractionSettings  # resolved (image size filled in)
     compression: str | None
     batch_size: int
     topic: str  # of the progress events
 
 
 def _run_shards(
-    client,
+    client: Client,
     shards: list[Shard],
     job: _ShardJob,
-    index,
+    index: ImageIndex,
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
 ) -> float:
@@ -485,11 +500,11 @@ def _remove_shards(folder: Path) -> None:
 
 # Worker side ---------------------------------------------------------------------
 
-_extractors: dict[str, object] = {}  # per worker process: settings JSON -> Extractor
+_extractors: dict[str, Extractor] = {}  # per worker process: settings JSON -> Extractor
 _extractors_lock = threading.Lock()
 
 
-def _worker_extractor(settings):
+def _worker_extractor(settings: ExtractionSettings) -> Extractor:
     """The extractor of `settings`, built once per worker process (GPU memory
     growth on); only the latest one is kept."""
     from tl import features
@@ -504,7 +519,7 @@ def _worker_extractor(settings):
         return _extractors[key]
 
 
-def _extract_shard(job: _ShardJob, shard: Shard, index) -> None:
+def _extract_shard(job: _ShardJob, shard: Shard, index: ImageIndex) -> None:
     """A task: write (or resume) one shard store, reporting each committed batch."""
     from distributed import get_worker
 
@@ -537,7 +552,7 @@ def _extract_shard(job: _ShardJob, shard: Shard, index) -> None:
 
 
 @contextlib.contextmanager
-def search_backend(client) -> Iterator[None]:
+def search_backend(client: Client) -> Iterator[None]:
     """Run joblib's parallel work (scikit-learn's CV fits) on `client`'s workers."""
     _distributed()
     import joblib

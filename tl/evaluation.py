@@ -27,6 +27,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.decomposition import IncrementalPCA
@@ -49,6 +50,9 @@ from tl.classifiers import (
 from tl.errors import TLError
 from tl.reports import METRICS, classification_metrics, metric_rows
 from tl.store import FeatureStore
+
+if TYPE_CHECKING:  # only with the dask extra
+    from distributed import Client
 
 log = logging.getLogger("tl")
 PROTOCOLS = ("holdout", "cv")
@@ -889,7 +893,7 @@ def compare(
     *,
     test_store: str | FeatureStore | None = None,
     progress: bool = True,
-    client=None,
+    client: Client | str | None = None,
     **setting_overrides,
 ) -> ComparisonResult:
     """Compare classifiers on each layer of a feature store (see module docstring).

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import keras
@@ -60,6 +61,9 @@ from tl.store import (
     replacement_path,
     settings_differences,
 )
+
+if TYPE_CHECKING:  # only with the dask extra
+    from distributed import Client
 
 log = logging.getLogger("tl")
 
@@ -522,7 +526,7 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
-    client=None,
+    client: Client | str | None = None,
     keep_shards: bool = False,
     **setting_overrides,
 ) -> ExtractionResult:
