@@ -801,6 +801,7 @@ def _set(section, key, value, index=0):
             ["backbone: write each backbone as [[backbone]]"],
         ),
         (lambda spec: spec.update(results={"a": 1}), ["results: unknown key."]),
+        (lambda spec: spec.update(run={"dask": "local"}), ["run.dask: "]),
     ],
 )
 def test_bad_files_are_refused_in_one_line_before_any_work(

@@ -10,13 +10,16 @@ weights (`imagenet`, a local file or `none`) and records where they came from;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import math
+import random
 import re
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -280,6 +283,45 @@ def normalize_weights(weights: str | Path | None) -> str:
     return str(path.resolve())
 
 
+_PYTHON_RANDOM = ("random", "randint", "randrange", "getrandbits", "uniform")
+_python_random_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded_python_random(seed: int) -> Iterator[None]:
+    """Python's module-level random functions give this thread the numbers of a
+    generator of its own, seeded with `seed`, for the duration; other threads keep
+    the shared one.
+
+    Keras draws the seed of each weight initializer from Python's shared generator
+    (`random.randint`) as it makes each layer, so a thread that draws numbers
+    meanwhile (the event loop of a Dask worker or client) would change random
+    weights that `seed` must fix. Seeded the same way, the numbers are those the
+    shared generator gives after `random.seed(seed)` in a process of one thread.
+    """
+    own = random.Random(seed)
+    builder = threading.get_ident()
+    with _python_random_lock:  # builds one at a time: no nested replacements
+        shared = {name: getattr(random, name) for name in _PYTHON_RANDOM}
+
+        def dispatch(name: str) -> Callable:
+            mine, theirs = getattr(own, name), shared[name]
+
+            def draw(*args, **kwargs):
+                chosen = mine if threading.get_ident() == builder else theirs
+                return chosen(*args, **kwargs)
+
+            return draw
+
+        for name in _PYTHON_RANDOM:
+            setattr(random, name, dispatch(name))
+        try:
+            yield
+        finally:
+            for name, function in shared.items():
+                setattr(random, name, function)
+
+
 def build_backbone(
     spec: BackboneSpec,
     image_size: tuple[int, int],
@@ -301,7 +343,8 @@ def build_backbone(
 
     Keras' session state is cleared first: auto-generated layer names
     (`activation_12`) then do not depend on what the process built before, so the
-    layer names stored with codes always denote the same layers.
+    layer names stored with codes always denote the same layers. Random weights do
+    not depend on other threads either (see `_seeded_python_random`).
 
     Returns:
         The Keras model (outputs the last feature map) and a record of its weights.
@@ -315,6 +358,7 @@ def build_backbone(
     keras.utils.set_random_seed(seed)
     keras_weights = None if weights == "none" else weights
     with (
+        _seeded_python_random(seed),
         compute_policy(precision),
         recorded_downloads() as calls,
         warnings.catch_warnings(),

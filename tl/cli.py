@@ -358,3 +358,13 @@ class ListOption(argparse.Action):
             name = getattr(self.convert, "__name__", repr(self.convert))
             parser.error(f"argument {flags}: invalid {name} value: {trailing[0]!r}")
         getattr(namespace, self.dest).extend(trailing)
+
+
+def add_dask_option(group) -> None:
+    """`--dask CLUSTER`: run the script's parallel work on Dask (`tl.distributed`)."""
+    group.add_argument(
+        "--dask",
+        metavar="CLUSTER",
+        help="run on Dask (pip install 'tl[dask]'): local:N for N worker processes "
+        "on this machine, or a scheduler address such as tcp://host:8786",
+    )

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -43,6 +42,7 @@ from tl.backbones import (
     resolve_layers,
 )
 from tl.classifiers import CLASSIFIERS, get_classifier
+from tl.distributed import check_client
 from tl.errors import TLError
 from tl.evaluation import ComparisonSettings
 from tl.features import ExtractionSettings, Pooling
@@ -374,12 +374,8 @@ class _Reader:
         dask = run.get("dask")
         if dask is not None:
             self.typed(dask, "run.dask", str, "local:N or a scheduler address")
-            if importlib.util.find_spec("tl.distributed") is None:
-                raise self.error(
-                    "run.dask",
-                    "running on Dask needs tl.distributed, which this tl does not "
-                    "have; remove the key to run in this process.",
-                )
+            with self.checking("run.dask"):
+                check_client(dask)
         return ExperimentSpec(
             source=self.file,
             name=name,
