@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# The tests of the OpenVINO engine run only with its extra; CI runs them all.
+$(VENV)/.openvino-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[openvino]'
+	touch $@
+
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[demo]'
 	touch $@
@@ -37,7 +42,7 @@ demo: $(VENV)/.installed $(DEMO_DATA) $(if $(filter $(DEMO_WEIGHTS),$(WEIGHTS)),
 	$(PY) -c "from tl.synthetic import make_shapes_dataset as m; m('data/shapes_new', per_class=3, seed=1)"
 	$(PY) predict.py results/shapes/best_model data/shapes_new -o results/shapes/predictions.csv
 
-test: $(VENV)/.installed
+test: $(VENV)/.openvino-installed
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

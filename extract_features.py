@@ -18,6 +18,8 @@ from tl.errors import TLError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tl.engines import DEFAULT_ENGINE, PRECISIONS, list_engines
+    from tl.engines.calibration import DEFAULT_CALIBRATION_IMAGES
     from tl.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, RESIZE_MODES
 
     parser = argparse.ArgumentParser(
@@ -62,10 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="imagenet, none (random, for tests) or a weights file",
     )
     model.add_argument(
+        "--engine",
+        default=DEFAULT_ENGINE,
+        choices=list_engines(),
+        help="what runs the extractor: keras (the reference) or openvino (faster "
+        "on CPUs; pip install 'tl[openvino]')",
+    )
+    model.add_argument(
         "--precision",
         default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute precision",
+        choices=PRECISIONS,
+        help="compute precision; float16 with keras only, int8 with openvino only "
+        "(calibrated on your images)",
+    )
+    model.add_argument(
+        "--calibration-images",
+        type=int,
+        metavar="N",
+        help=f"int8: calibrate on a stratified sample of N images "
+        f"[{DEFAULT_CALIBRATION_IMAGES}]",
+    )
+    model.add_argument(
+        "--calibration-source",
+        metavar="TRAIN",
+        help="int8: the training images (folder or CSV) to calibrate on [SOURCE]; "
+        "give it when SOURCE is a test folder, so that test images never calibrate",
     )
     model.add_argument(
         "--dtype",
@@ -125,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="join complete shard files into --output and exit",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-speed-hint",
+        action="store_true",
+        help="skip measuring how much faster OpenVINO would be (a few seconds, "
+        "long float32 runs on a CPU with OpenVINO installed)",
+    )
     info = parser.add_argument_group("information")
     info.add_argument(
         "--list-backbones",
@@ -150,6 +179,7 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 def _command(args: argparse.Namespace) -> int:
     from tl import backbones, features, store
+    from tl.engines import missing_packages
     from tl.precision import half_precision_hint
 
     if args.list_backbones:
@@ -171,6 +201,12 @@ def _command(args: argparse.Namespace) -> int:
     else:
         if not args.source:
             raise TLError("Give an image folder or CSV to extract (or --resume STORE).")
+        calibration = (args.calibration_images, args.calibration_source)
+        if args.precision != "int8" and calibration != (None, None):
+            raise TLError(
+                f"--calibration-images and --calibration-source apply to --precision "
+                f"int8 only, not {args.precision}."
+            )
         settings = features.ExtractionSettings(
             backbone=args.backbone,
             layers=args.layers,
@@ -185,9 +221,13 @@ def _command(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             labels=None if args.unlabeled else "inferred",
             seed=args.seed,
+            engine=args.engine,
+            calibration_images=args.calibration_images,
+            calibration_source=args.calibration_source,
         )
+        measured = not args.no_speed_hint and not missing_packages("openvino")
         hint = half_precision_hint(args.precision, args.backbone)
-        if hint:
+        if hint and args.engine == "keras" and not measured:
             print(f"hint: {hint}", file=sys.stderr)
         result = features.extract(
             args.source,
@@ -197,6 +237,7 @@ def _command(args: argparse.Namespace) -> int:
             compression=None if args.compression == "none" else args.compression,
             shard=_shard(args.shard),
             overwrite=args.overwrite,
+            speed_hint=measured,
             **options,
         )
     print(

@@ -17,6 +17,8 @@ from tl.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tl.engines import PRECISIONS, list_engines
+
     parser = argparse.ArgumentParser(
         description="Classify images with a saved tl model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -27,6 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="predictions.csv", help="CSV to write"
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--engine",
+        choices=list_engines(),
+        help="engine computing a linear probe's codes [the engine of its training "
+        "codes]",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="compute precision of a linear probe's codes [that of its training codes]",
+    )
+    parser.add_argument(
+        "--allow-engine-mismatch",
+        action="store_true",
+        help="accept an --engine or --precision other than the training codes': "
+        "the codes then differ from those the classifier learned (int8 ones "
+        "noticeably), so predictions can be worse",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -35,7 +55,13 @@ def _command(args: argparse.Namespace) -> int:
     from tl.prediction import predict_images
 
     table = predict_images(
-        args.model, args.inputs, batch_size=args.batch_size, progress=not args.quiet
+        args.model,
+        args.inputs,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        engine=args.engine,
+        precision=args.precision,
+        allow_engine_mismatch=args.allow_engine_mismatch,
     )
     table.to_csv(args.output, index=False)
     errors = table[table.error != ""]

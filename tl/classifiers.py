@@ -36,6 +36,7 @@ from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 import tl
+from tl.engines import ENGINE_SETTINGS, LEGACY_SETTINGS
 from tl.errors import TLError
 
 MODEL_FORMAT = "tl-classifier"
@@ -278,11 +279,13 @@ _CODE_SETTINGS = (
     "interpolation",
     "antialias",
     "precision",
+    *ENGINE_SETTINGS,
 )
 
 
 def codes_identity(settings: dict, layer_info: dict) -> dict:
     """What determines the codes of one layer of a store: compare these to match."""
+    settings = {**LEGACY_SETTINGS, **settings}
     identity = {key: settings.get(key) for key in _CODE_SETTINGS}
     if settings.get("weights") != "none":
         identity.pop("seed")  # the seed only matters for random weights

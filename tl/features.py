@@ -10,6 +10,7 @@ run left behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import platform
@@ -39,6 +40,22 @@ from tl.backbones import (
     normalize_weights,
     resolve_layers,
 )
+from tl.engines import (
+    DEFAULT_ENGINE,
+    LEGACY_SETTINGS,
+    CompiledExtractor,
+    CompileRequest,
+    check_engine_precision,
+    compile_extractor,
+    get_engine,
+    load_engine,
+)
+from tl.engines.calibration import (
+    Calibration,
+    check_calibration,
+    sample_calibration,
+)
+from tl.engines.hint import measured_speed_hint
 from tl.errors import TLError
 from tl.images import (
     DEFAULT_MAX_PIXELS,
@@ -47,7 +64,6 @@ from tl.images import (
     decoded_batches,
     index_images,
 )
-from tl.precision import check_precision
 from tl.store import FeatureStore, StoreWriter, settings_differences
 
 log = logging.getLogger("tl")
@@ -184,20 +200,6 @@ def build_extractor(
     return keras.Model(pixels, outputs, name=f"{spec.name}_extractor")
 
 
-def compiled_extractor(extractor: keras.Model) -> Callable:
-    """The extractor as a graph function over any batch size (traced once)."""
-    height, width = extractor.input_shape[1:3]
-
-    @tf.function(
-        input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)],
-        reduce_retracing=True,
-    )
-    def run(images):
-        return extractor(images, training=False)
-
-    return run
-
-
 # ---------------------------------------------------------------------------------
 # Settings
 
@@ -227,10 +229,16 @@ class ExtractionSettings:
         image_size: (height, width); None takes the backbone's default.
         resize, interpolation, antialias, max_pixels: see `tl.images.ImageSettings`.
         weights: `imagenet`, `none` or a weights file path.
-        precision: compute precision (`float32`, `bfloat16`, `float16`).
+        precision: compute precision (`float32`, `bfloat16`, `float16`; `int8` with
+            the openvino engine).
         dtype: stored dtype (`float32` or `float16`).
         labels: `inferred` (class sub-folders) or None (unlabeled).
         seed: random initialisation seed (`weights=none`).
+        engine: what runs the extractor (`tl.engines`): `keras` (the reference) or
+            `openvino`.
+        calibration_images: int8 only: images to calibrate on (default 300).
+        calibration_source: int8 only: the folder or CSV to draw them from, which
+            should hold training images only; `extract` defaults it to its source.
     """
 
     backbone: str = "vgg16"
@@ -246,6 +254,9 @@ class ExtractionSettings:
     dtype: str = "float32"
     labels: str | None = "inferred"
     seed: int = 0
+    engine: str = DEFAULT_ENGINE
+    calibration_images: int | None = None
+    calibration_source: str | None = None
 
     def __post_init__(self):
         def set_(name, value):
@@ -261,7 +272,12 @@ class ExtractionSettings:
         )
         set_("image_size", _size_pair(self.image_size))
         set_("weights", normalize_weights(self.weights))
-        check_precision(self.precision)
+        check_engine_precision(self.engine, self.precision)
+        images, source = check_calibration(
+            self.precision, self.calibration_images, self.calibration_source
+        )
+        set_("calibration_images", images)
+        set_("calibration_source", source)
         if self.dtype not in OUTPUT_DTYPES:
             raise TLError(
                 f"Unknown dtype {self.dtype!r}; choose one of "
@@ -292,6 +308,7 @@ class Extractor:
     poolings: list[Pooling]
     model: keras.Model
     weights: WeightsInfo
+    calibration: Calibration | None = None
 
     def layer_info(self) -> list[dict]:
         """Per-layer metadata stored in the feature store."""
@@ -313,16 +330,54 @@ class Extractor:
         ]
 
     def codes_settings(self) -> dict:
-        """Settings plus the resolved weights hash: what a resumed run must match."""
-        return {**self.settings.to_json(), "weights_sha256": self.weights.sha256}
+        """Settings plus the resolved weights hash and the int8 calibration sample's
+        hash: what a resumed run must match."""
+        return {
+            **self.settings.to_json(),
+            "weights_sha256": self.weights.sha256,
+            "calibration_sha256": self.calibration.sha256 if self.calibration else None,
+        }
+
+    def model_identity(self) -> dict:
+        """What determines the Keras extractor's graph and weights, whatever engine
+        runs it: the key of an engine's converted model."""
+        settings = self.settings
+        return {
+            "backbone": settings.backbone,
+            "weights": self.weights.sha256 or dataclasses.asdict(self.weights),
+            "layers": [tap.layer for tap in self.taps],
+            "pooling": list(settings.pooling),
+            "image_size": list(settings.image_size),
+            "dtype": settings.dtype,
+            "precision": get_engine(settings.engine).build_precision(
+                settings.precision
+            ),
+            "keras_version": keras.__version__,
+        }
+
+    @functools.cached_property
+    def compiled(self) -> CompiledExtractor:
+        """The extractor compiled by the settings' engine, on first use (an engine
+        may convert the model and calibrate it, which takes a while)."""
+        request = CompileRequest(
+            self.settings.precision, self.model_identity(), self.calibration
+        )
+        return compile_extractor(self.settings.engine, self.model, request)
 
 
 def load_extractor(settings: ExtractionSettings) -> Extractor:
     """Build the backbone, resolve and check its layers, and wrap the extractor.
 
     Everything that can be wrong with the settings fails here, before any image is
-    read: unknown backbone or layer, missing weights, bad sizes.
+    read: a missing engine, unknown backbone or layer, missing weights, bad sizes,
+    int8 without calibration images.
     """
+    load_engine(settings.engine)
+    if settings.calibration_images and settings.calibration_source is None:
+        raise TLError(
+            "int8 needs calibration images: set calibration_source to the training "
+            "images (--calibration-source)."
+        )
     spec = get_backbone(settings.backbone)
     if settings.image_size is None:
         settings = dataclasses.replace(settings, image_size=(spec.default_size,) * 2)
@@ -337,13 +392,23 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
         spec,
         settings.image_size,
         settings.weights,
-        precision=settings.precision,
+        precision=get_engine(settings.engine).build_precision(settings.precision),
         seed=settings.seed,
     )
     taps = resolve_layers(layer_taps(backbone, spec), list(settings.layers), spec.name)
     poolings = parse_poolings(settings.pooling, len(taps))
     model = build_extractor(backbone, spec, taps, poolings, settings.dtype)
-    return Extractor(spec, settings, image_settings, taps, poolings, model, weights)
+    calibration = None
+    if settings.calibration_images:
+        calibration = sample_calibration(
+            settings.calibration_source,
+            settings.labels,
+            settings.calibration_images,
+            image_settings,
+        )
+    return Extractor(
+        spec, settings, image_settings, taps, poolings, model, weights, calibration
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -380,6 +445,7 @@ def _provenance(extractor: Extractor, source: Path) -> dict:
         "preprocessing_description": PREPROCESSING_MODES[extractor.spec.preprocessing],
         "weights": dataclasses.asdict(extractor.weights),
         "image_size": list(extractor.settings.image_size),
+        "inference": extractor.compiled.provenance,
     }
 
 
@@ -430,7 +496,9 @@ def _open_store(
     codes_settings = extractor.codes_settings()
     if output.exists() and not overwrite:
         with FeatureStore(output, require_complete=False) as existing:
-            differences = settings_differences(existing.settings, codes_settings)
+            differences = settings_differences(
+                {**LEGACY_SETTINGS, **existing.settings}, codes_settings
+            )
             if existing.shard != shard:
                 differences.append(
                     f"shard: file has {existing.shard}, this run {shard}"
@@ -486,6 +554,7 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    speed_hint: bool = False,
     **setting_overrides,
 ) -> ExtractionResult:
     """Extract the CNN codes of several layers for every image of `source`.
@@ -506,6 +575,9 @@ def extract(
         progress: show a progress bar (images/s, ETA).
         on_batch: called as `on_batch(images_done, images_total)` after each batch
             is safely written.
+        speed_hint: on a CPU with OpenVINO installed, a long float32 run first
+            measures how much faster OpenVINO bfloat16 and int8 would be, on a few
+            of its images, and logs it (`tl.engines.hint`).
 
     Returns:
         An `ExtractionResult` (path, rows written, skipped files, timing).
@@ -513,6 +585,8 @@ def extract(
     settings = dataclasses.replace(
         settings or ExtractionSettings(), **setting_overrides
     )
+    if settings.calibration_images and settings.calibration_source is None:
+        settings = dataclasses.replace(settings, calibration_source=str(source))
     if batch_size < 1:
         raise TLError(f"batch_size must be at least 1, got {batch_size}.")
     output = Path(output)
@@ -558,6 +632,10 @@ def extract(
                 extractor.spec.name,
             )
         _check_disk(output.resolve().parent, needed)
+        if speed_hint:
+            paths = index.absolute_paths()[start + done : stop]
+            if line := measured_speed_hint(extractor, paths):
+                log.info("hint: %s", line)
         began = time.perf_counter()
         _run(extractor, index, writer, start, stop, batch_size, progress, on_batch)
         seconds = time.perf_counter() - began
@@ -585,11 +663,9 @@ def iter_codes(
 ) -> Iterator[CodeBatch]:
     """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
     (see `tl.images.decoded_batches`)."""
-    run = compiled_extractor(extractor.model)
+    run = extractor.compiled.run
     for batch in decoded_batches(paths, extractor.image_settings, batch_size, first):
-        codes = {}
-        if batch.images is not None:
-            codes = {key: value.numpy() for key, value in run(batch.images).items()}
+        codes = run(batch.images) if batch.images is not None else {}
         yield CodeBatch(batch.positions, codes, batch.skipped, batch.end)
 
 

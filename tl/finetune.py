@@ -73,8 +73,10 @@ from tl.classifiers import (
     library_versions,
     load_classifier,
 )
+from tl.engines import ENGINE_SETTINGS
+from tl.engines.keras import compiled_extractor
 from tl.errors import TLError
-from tl.features import ExtractionSettings, compiled_extractor
+from tl.features import ExtractionSettings
 from tl.images import (
     DEFAULT_MAX_PIXELS,
     ImageIndex,
@@ -647,7 +649,8 @@ def check_init_head(
 
     The codes must come from the same backbone, weights, image size, resize,
     interpolation and antialiasing, at the backbone's final layer with the model's
-    global pooling. (The compute precision may differ: it changes codes by rounding.)
+    global pooling. (The compute precision and engine may differ: they change codes
+    by rounding.)
     """
     ours = codes_identity(
         {
@@ -660,7 +663,7 @@ def check_init_head(
     differences = [
         f"{key}: probe has {theirs.get(key)!r}, this model {value!r}"
         for key, value in ours.items()
-        if key != "precision" and theirs.get(key) != value
+        if key not in ("precision", *ENGINE_SETTINGS) and theirs.get(key) != value
     ]
     if _same_weights(ours, theirs):
         differences = [d for d in differences if not d.startswith("weights:")]

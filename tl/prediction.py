@@ -54,13 +54,43 @@ def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
     return ImageIndex(Path("/"), [p.lstrip("/") for p in paths], labels, [])
 
 
-def extraction_settings(model: SavedClassifier) -> ExtractionSettings:
-    """The settings that made the model's training codes, for its one layer."""
+def extraction_settings(
+    model: SavedClassifier,
+    engine: str | None = None,
+    precision: str | None = None,
+    allow_engine_mismatch: bool = False,
+) -> ExtractionSettings:
+    """The settings that made the model's training codes, for its one layer.
+
+    `engine` and `precision` (None: those of the training codes) may differ from the
+    training codes' only with `allow_engine_mismatch`: other codes may be classified
+    worse. A switch to int8 calibrates on the training images.
+    """
     stored = model.metadata["extraction"]
-    return dataclasses.replace(
+    trained = dataclasses.replace(
         ExtractionSettings.from_json(stored),
         layers=(model.layer_info["layer"],),
         pooling=(model.layer_info["pooling"],),
+    )
+    wanted = (engine or trained.engine, precision or trained.precision)
+    if wanted == (trained.engine, trained.precision):
+        return trained
+    if not allow_engine_mismatch:
+        raise TLError(
+            f"The model was trained on codes made by {trained.engine} "
+            f"{trained.precision}; {wanted[0]} {wanted[1]} makes other codes, which "
+            f"it may classify worse. Predict without --engine/--precision, or pass "
+            f"--allow-engine-mismatch to accept that risk."
+        )
+    calibration_source = trained.calibration_source or model.metadata.get(
+        "provenance", {}
+    ).get("source")
+    return dataclasses.replace(
+        trained,
+        engine=wanted[0],
+        precision=wanted[1],
+        calibration_images=None,
+        calibration_source=calibration_source if wanted[1] == "int8" else None,
     )
 
 
@@ -70,8 +100,15 @@ def predict_images(
     *,
     batch_size: int = 32,
     progress: bool = True,
+    engine: str | None = None,
+    precision: str | None = None,
+    allow_engine_mismatch: bool = False,
 ) -> pd.DataFrame:
     """Classify images with a model saved by train_classifier.py or fine_tune.py.
+
+    A linear probe's codes are computed by the engine and precision of its training
+    codes unless `engine`/`precision` say otherwise, which needs
+    `allow_engine_mismatch` (see `extraction_settings`).
 
     Returns:
         One row per image: `path`, `predicted` (class name), `score` (probability of
@@ -82,13 +119,19 @@ def predict_images(
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("format") == (
         FINETUNED_FORMAT
     ):
+        if engine or precision:
+            raise TLError(
+                "--engine and --precision apply to linear probes; a fine-tuned model "
+                "runs in Keras at the precision it was trained with."
+            )
         model = load_finetuned(model_dir)
         index = index_inputs(inputs, model.class_names)
         records = _finetuned_records(model, index, batch_size)
     else:
         model = load_classifier(model_dir)
         index = index_inputs(inputs, model.class_names)
-        records = _probe_records(model, index, batch_size, progress)
+        settings = extraction_settings(model, engine, precision, allow_engine_mismatch)
+        records = _probe_records(model, settings, index, batch_size, progress)
     names = model.class_names
     table = pd.DataFrame(
         [{"path": index.paths[i], **records[i]} for i in range(len(index))]
@@ -103,16 +146,29 @@ def _skipped_record(reason: str) -> dict:
 
 
 def _probe_records(
-    model: SavedClassifier, index: ImageIndex, batch_size: int, progress: bool
+    model: SavedClassifier,
+    settings: ExtractionSettings,
+    index: ImageIndex,
+    batch_size: int,
+    progress: bool,
 ) -> dict[int, dict]:
     """Rebuild the training codes' extractor for the model's layer, then classify."""
-    extractor = load_extractor(extraction_settings(model))
+    extractor = load_extractor(settings)
     trained_with = model.metadata["extraction"].get("weights_sha256")
     if extractor.weights.sha256 != trained_with:
         raise TLError(
             f"The weights differ from those the model's codes were made with: "
             f"SHA-256 {extractor.weights.sha256} now, {trained_with} at training "
             f"({model.metadata['extraction']['weights']}). Use the same weights file."
+        )
+    calibrated_on = model.metadata["extraction"].get("calibration_sha256")
+    if calibrated_on and extractor.calibration.sha256 != calibrated_on:
+        raise TLError(
+            f"The int8 calibration images in {settings.calibration_source!r} differ "
+            f"from those the model's codes were calibrated on (SHA-256 "
+            f"{extractor.calibration.sha256} now, {calibrated_on} at training). "
+            f"Restore them, or predict with --precision float32 "
+            f"--allow-engine-mismatch."
         )
     key = extractor.taps[0].layer
     classes = list(model.pipeline.classes_)

@@ -1,0 +1,175 @@
+"""Inference engines: how a frozen extractor (pixels → pooled codes) is run.
+
+`keras` runs the Keras extractor as a TensorFlow graph; it is the default and the
+reference. `openvino` (the optional extra `tl[openvino]`) converts the same
+multi-output model, preprocessing and in-graph pooling included, and runs it with
+OpenVINO in float32, bfloat16 or int8 (post-training quantisation calibrated on the
+user's own images, `tl.engines.calibration`). An engine module exposes
+`compile_extractor(model, request) -> CompiledExtractor`; the registry below knows
+which precisions each one has and which packages it needs, so that a missing
+package or an unsupported precision fails at once, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tl.errors import TLError
+
+if TYPE_CHECKING:
+    from tl.engines.calibration import Calibration
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What tl knows about an engine before importing it.
+
+    Attributes:
+        name: registry key (`--engine`).
+        module: the module that implements `compile_extractor`.
+        precisions: the compute precisions it offers, the first being the default.
+        packages: importable packages it needs beyond tl's own requirements.
+        extra: the `pip install 'tl[EXTRA]'` that provides them.
+        keras_precision: the Keras model is built at the requested precision
+            (Keras mixed precision); otherwise it is built in float32 and the
+            engine applies the precision itself.
+        description: one line for `--help` and errors.
+    """
+
+    name: str
+    module: str
+    precisions: tuple[str, ...]
+    packages: tuple[str, ...] = ()
+    extra: str | None = None
+    keras_precision: bool = False
+    description: str = ""
+
+    def build_precision(self, precision: str) -> str:
+        """The precision to build the Keras model at for `precision`."""
+        return precision if self.keras_precision else "float32"
+
+
+_REGISTRY = {
+    spec.name: spec
+    for spec in (
+        EngineSpec(
+            "keras",
+            "tl.engines.keras",
+            ("float32", "bfloat16", "float16"),
+            keras_precision=True,
+            description="TensorFlow graph of the Keras model (the reference)",
+        ),
+        EngineSpec(
+            "openvino",
+            "tl.engines.openvino",
+            ("float32", "bfloat16", "int8"),
+            packages=("openvino", "nncf"),
+            extra="openvino",
+            description="OpenVINO on the CPU; int8 by NNCF post-training quantisation",
+        ),
+    )
+}
+DEFAULT_ENGINE = "keras"
+# Every precision some engine has, in the order --help lists them.
+PRECISIONS = tuple(
+    dict.fromkeys(p for spec in _REGISTRY.values() for p in spec.precisions)
+)
+# Settings that say how the extractor ran, beside `precision`: they change the codes
+# by rounding (int8 by more), so codes made otherwise are not the same codes.
+ENGINE_SETTINGS = ("engine", "calibration_images", "calibration_sha256")
+# What stores written before engines existed mean by their missing keys.
+LEGACY_SETTINGS = {
+    "engine": DEFAULT_ENGINE,
+    "calibration_images": None,
+    "calibration_source": None,
+    "calibration_sha256": None,
+}
+
+
+def list_engines() -> list[str]:
+    """Names accepted by `get_engine`, the default first."""
+    return list(_REGISTRY)
+
+
+def get_engine(name: str) -> EngineSpec:
+    """The spec registered under `name`."""
+    if name not in _REGISTRY:
+        raise TLError(f"Unknown engine {name!r}; choose one of {', '.join(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def check_engine_precision(engine: str, precision: str) -> None:
+    """Refuse an unknown engine or precision, or a precision the engine lacks,
+    naming the engine that has it."""
+    spec = get_engine(engine)
+    if precision not in PRECISIONS:
+        raise TLError(
+            f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
+        )
+    if precision not in spec.precisions:
+        others = [s.name for s in _REGISTRY.values() if precision in s.precisions]
+        raise TLError(
+            f"The {engine} engine has no {precision} precision (it has "
+            f"{', '.join(spec.precisions)}); {precision} runs with --engine "
+            f"{' or '.join(others)}."
+        )
+
+
+def missing_packages(engine: str) -> list[str]:
+    """The packages `engine` needs that are not installed."""
+    return [
+        package
+        for package in get_engine(engine).packages
+        if importlib.util.find_spec(package) is None
+    ]
+
+
+def load_engine(engine: str) -> ModuleType:
+    """The module implementing `engine`, or one line saying what to install."""
+    spec = get_engine(engine)
+    missing = missing_packages(engine)
+    if missing:
+        raise TLError(
+            f"The {engine} engine needs {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: run "
+            f"pip install 'tl[{spec.extra}]' (or use --engine {DEFAULT_ENGINE})."
+        )
+    return importlib.import_module(spec.module)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileRequest:
+    """What an engine needs besides the Keras extractor.
+
+    Attributes:
+        precision: the compute precision (one of the engine's).
+        identity: what determines the extractor's graph and weights (JSON values);
+            engines that cache a converted model key the cache by it.
+        calibration: images to calibrate int8 on and to check it with.
+    """
+
+    precision: str
+    identity: dict[str, Any]
+    calibration: Calibration | None = None
+
+
+@dataclasses.dataclass
+class CompiledExtractor:
+    """An extractor ready to run: `run(pixels)` maps a batch of RGB pixels in
+    [0, 255], (N, H, W, 3) float32, to `{layer: codes}` numpy arrays; `provenance`
+    says how (engine, versions, cache entry, int8 check), for the feature store."""
+
+    run: Callable[[Any], dict[str, np.ndarray]]
+    provenance: dict[str, Any]
+
+
+def compile_extractor(engine: str, model, request: CompileRequest) -> CompiledExtractor:
+    """Compile the Keras extractor `model` with `engine`."""
+    return load_engine(engine).compile_extractor(model, request)
