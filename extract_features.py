@@ -18,7 +18,7 @@ from tl.errors import TLError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tl.engines import DEFAULT_ENGINE, PRECISIONS, list_engines
+    from tl.engines import DEFAULT_ENGINE, PRECISIONS, get_engine, list_engines
     from tl.engines.calibration import DEFAULT_CALIBRATION_IMAGES
     from tl.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, RESIZE_MODES
 
@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         default=DEFAULT_ENGINE,
         choices=list_engines(),
-        help="what runs the extractor: keras (the reference) or openvino (faster "
-        "on CPUs; pip install 'tl[openvino]')",
+        help="what runs the extractor: "
+        + "; ".join(
+            f"{name}: {get_engine(name).description}" for name in list_engines()
+        ),
     )
     model.add_argument(
         "--precision",
@@ -151,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-speed-hint",
         action="store_true",
-        help="skip measuring how much faster OpenVINO would be (a few seconds, "
-        "long float32 runs on a CPU with OpenVINO installed)",
+        help="no hint about a faster engine or precision (with OpenVINO installed, "
+        "long float32 runs on a CPU measure one for a few seconds)",
     )
     info = parser.add_argument_group("information")
     info.add_argument(
@@ -226,9 +228,10 @@ def _command(args: argparse.Namespace) -> int:
             calibration_source=args.calibration_source,
         )
         measured = not args.no_speed_hint and not missing_packages("openvino")
-        hint = half_precision_hint(args.precision, args.backbone)
-        if hint and args.engine == "keras" and not measured:
-            print(f"hint: {hint}", file=sys.stderr)
+        if not (args.no_speed_hint or measured or args.engine != "keras"):
+            hint = half_precision_hint(args.precision, args.backbone)
+            if hint:
+                print(f"hint: {hint}", file=sys.stderr)
         result = features.extract(
             args.source,
             args.output

@@ -113,24 +113,29 @@ def test_codes_identity_tells_engines_apart_and_reads_old_stores_as_keras():
     assert codes_identity(int8, layer) != codes_identity(other, layer)
 
 
-@pytest.fixture
-def keras_probe(png_tree, tmp_path):
-    """A linear probe saved from Keras float32 codes of `png_tree`."""
-    store = tmp_path / "codes.h5"
-    extract(png_tree, store, settings(layers=["block3"]), progress=False)
+def _saved_probe(store, directory, layer: str = "block3_pool"):
+    """A logistic-regression probe fitted on a store's codes and saved with them."""
     with FeatureStore(store) as opened:
         pipeline = make_pipeline(StandardScaler(), LogisticRegression())
-        pipeline.fit(opened.read("block3_pool"), opened.labels)
+        pipeline.fit(opened.read(layer), opened.labels)
         return save_classifier(
-            tmp_path / "probe",
+            directory,
             pipeline,
             store=opened,
-            layer="block3_pool",
+            layer=layer,
             classifier="logreg",
             params={},
             normalization="standard",
             pca=None,
         )
+
+
+@pytest.fixture
+def keras_probe(png_tree, tmp_path):
+    """A linear probe saved from Keras float32 codes of `png_tree`."""
+    store = tmp_path / "codes.h5"
+    extract(png_tree, store, settings(layers=["block3"]), progress=False)
+    return _saved_probe(store, tmp_path / "probe")
 
 
 def test_predict_refuses_another_engine_than_the_training_codes(
@@ -236,7 +241,9 @@ def test_test_images_reuse_the_cached_training_calibration(tmp_path, monkeypatch
     quantisations = _count_calls(monkeypatch, tl.engines.openvino, "_quantize")
     int8 = settings(layers=["block3"], engine="openvino", precision="int8")
     extract(train, tmp_path / "train.h5", int8, progress=False)
-    extract(test, tmp_path / "test.h5", int8, calibration_source=train, progress=False)
+    extract(  # unlabeled: the sample depends on the calibration source alone
+        test, tmp_path / "test.h5", int8, calibration_source=train, labels=None
+    )
     assert (len(conversions), len(quantisations)) == (1, 1)  # the second: cached
     extract(test, tmp_path / "self.h5", int8, progress=False)
     assert (len(conversions), len(quantisations)) == (1, 2)
@@ -275,21 +282,9 @@ def test_predict_uses_the_engine_of_the_training_codes(png_tree, tmp_path):
 
     store = tmp_path / "codes.h5"
     extract(png_tree, store, settings(layers=["block3"], engine="openvino"))
+    probe = _saved_probe(store, tmp_path / "probe")
     with FeatureStore(store) as opened:
-        codes, labels, paths = opened.read("block3_pool"), opened.labels, opened.paths
-        pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(
-            codes, labels
-        )
-        probe = save_classifier(
-            tmp_path / "probe",
-            pipeline,
-            store=opened,
-            layer="block3_pool",
-            classifier="logreg",
-            params={},
-            normalization="standard",
-            pca=None,
-        )
+        codes, paths = opened.read("block3_pool"), opened.paths
     model = load_classifier(probe)
     expected = [model.class_names[i] for i in model.predict(codes)]
     table = predict_images(probe, [str(png_tree)], progress=False)

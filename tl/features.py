@@ -401,10 +401,7 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
     calibration = None
     if settings.calibration_images:
         calibration = sample_calibration(
-            settings.calibration_source,
-            settings.labels,
-            settings.calibration_images,
-            image_settings,
+            settings.calibration_source, settings.calibration_images, image_settings
         )
     return Extractor(
         spec, settings, image_settings, taps, poolings, model, weights, calibration

@@ -72,7 +72,7 @@ _REGISTRY = {
             ("float32", "bfloat16", "int8"),
             packages=("openvino", "nncf"),
             extra="openvino",
-            description="OpenVINO on the CPU; int8 by NNCF post-training quantisation",
+            description="OpenVINO on the CPU, faster there; pip install 'tl[openvino]'",
         ),
     )
 }

@@ -111,14 +111,13 @@ class Calibration:
 
 
 def sample_calibration(
-    source: str | Path,
-    labels: str | None,
-    count: int,
-    image_settings: ImageSettings,
+    source: str | Path, count: int, image_settings: ImageSettings
 ) -> Calibration:
-    """A stratified sample of `count` images of `source` to calibrate on, and up to
-    `HELD_BACK_IMAGES` others to check with; the same source gives the same sample."""
-    index = index_images(source, labels)
+    """A sample of `count` images of `source` to calibrate on, stratified by its
+    class folders (or CSV labels) if it has any, and up to `HELD_BACK_IMAGES` others
+    to check with. It depends on the source alone, so that a test folder extracted
+    with `--calibration-source TRAIN` gets the training run's very sample."""
+    index = index_images(source)
     order = stratified_order(index.labels)
     held = min(HELD_BACK_IMAGES, len(index) // 5)
     calibration = [index.paths[i] for i in order[held : held + count]]

@@ -19,13 +19,13 @@ from tl.images import image_batches
 
 # Runs shorter than this get no measured hint: measuring costs a few seconds.
 MIN_IMAGES = 2000
-_IMAGES = 4
+_IMAGES = 2
 # Below this speed-up, the hint says nothing.
 _WORTH_IT = 1.3
 
 
 def seconds_per_image(
-    run: Callable[[Any], dict], images: np.ndarray, repeats: int = 2
+    run: Callable[[Any], dict], images: np.ndarray, repeats: int = 1
 ) -> float:
     """The best of `repeats` timed runs on `images`, after one warm-up run."""
     run(images)
