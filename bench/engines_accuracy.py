@@ -137,7 +137,7 @@ def main() -> None:
         cells = []
         for result in runs.values():
             accuracy = result["accuracy"][layer]
-            points = 100 * (accuracy - reference["accuracy"][layer])
+            points = round(100 * (accuracy - reference["accuracy"][layer]), 1)
             cos = result["cosine_to_float32"][layer]
             worst = max(worst, abs(points))
             cells.append(
