@@ -49,7 +49,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
 
 bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench,openvino]'
 	$(PY) bench/extraction.py
 	$(PY) bench/classifiers.py
 
