@@ -12,7 +12,7 @@ DEMO_WEIGHTS := features/vgg16_hed_notop.weights.h5
 WEIGHTS ?= $(DEMO_WEIGHTS)
 DEMO_DATA := data/shapes
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-all test-dask bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,18 @@ demo: $(VENV)/.installed $(DEMO_DATA) $(if $(filter $(DEMO_WEIGHTS),$(WEIGHTS)),
 	$(PY) -c "from tl.synthetic import make_shapes_dataset as m; m('data/shapes_new', per_class=3, seed=1)"
 	$(PY) predict.py results/shapes/best_model data/shapes_new -o results/shapes/predictions.csv
 
+# `make test` leaves out the tests marked slow (every backbone beyond the smallest of
+# each family); `make test-all` runs them too.
 test: $(VENV)/.openvino-installed
 	$(PY) -m pytest
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -m "slow or not slow"
+
+# The Dask tests (tests/test_distributed.py) skip without the extra; this installs it.
+test-dask: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dask]'
+	$(PY) -m pytest tests/test_distributed.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .

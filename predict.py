@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tl.cli import run_cli
+from tl import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     from tl.engines import PRECISIONS, list_engines
 
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Classify images with a saved tl model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", help="folder of a saved model (e.g. .../best_model)")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
@@ -29,18 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="predictions.csv", help="CSV to write"
     )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
+    codes = parser.add_argument_group(
+        "codes of a linear probe", "[those of its training codes]"
+    )
+    codes.add_argument(
         "--engine",
         choices=list_engines(),
-        help="engine computing a linear probe's codes [the engine of its training "
-        "codes]",
+        help="engine computing the codes",
     )
-    parser.add_argument(
+    codes.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="compute precision of a linear probe's codes [that of its training codes]",
+        help="compute precision of the codes",
     )
-    parser.add_argument(
+    codes.add_argument(
         "--allow-engine-mismatch",
         action="store_true",
         help="accept an --engine or --precision other than the training codes': "
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _command(args: argparse.Namespace) -> int:
     from tl.prediction import predict_images
 
+    output = cli.check_output(args.output, "-o/--output")
     table = predict_images(
         args.model,
         args.inputs,
@@ -63,7 +65,8 @@ def _command(args: argparse.Namespace) -> int:
         precision=args.precision,
         allow_engine_mismatch=args.allow_engine_mismatch,
     )
-    table.to_csv(args.output, index=False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output, index=False)
     errors = table[table.error != ""]
     print(table.head(10).to_string(index=False))
     summary = f"{len(table)} images, {len(errors)} skipped; wrote {args.output}"
@@ -76,7 +79,7 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _command(build_parser().parse_args(argv)))
+    return cli.run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

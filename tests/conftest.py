@@ -6,6 +6,8 @@ TensorFlow is imported once per pytest process; every model is built with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -57,20 +59,12 @@ def settings(**overrides):
         layers=("block2", "block3", "block5"),
         pooling="avg",
     )
-    return ExtractionSettings(**{**base, **overrides})
+    return ExtractionSettings.create(**{**base, **overrides})
 
 
-STORE_SETTINGS = {
-    "backbone": "vgg16",
-    "weights": "none",
-    "seed": 0,
-    "weights_sha256": None,
-    "image_size": [32, 32],
-    "resize": "squash",
-    "interpolation": "bilinear",
-    "antialias": False,
-    "precision": "float32",
-}
+def store_settings(**overrides) -> dict:
+    """The settings a store of `settings(**overrides)` records."""
+    return {**settings(**overrides).to_json(), "weights_sha256": None}
 
 
 def write_store(path, layers, labels, class_names, settings=None, complete=True):
@@ -95,7 +89,7 @@ def write_store(path, layers, labels, class_names, settings=None, complete=True)
     ]
     writer = StoreWriter.create(
         path,
-        settings=settings or STORE_SETTINGS,
+        settings=settings or store_settings(),
         provenance={},
         layers=infos,
         class_names=class_names,
@@ -114,6 +108,26 @@ def write_store(path, layers, labels, class_names, settings=None, complete=True)
         if complete:
             writer.finish()
     return path
+
+
+def assert_same_store(expected_path, got_path):
+    """Two stores hold the same extraction: rows in the same order, the same skipped
+    and ignored files, and the same codes (to float32 rounding)."""
+    from tl.store import FeatureStore
+
+    with FeatureStore(expected_path) as expected, FeatureStore(got_path) as got:
+        assert got.paths == expected.paths
+        assert got.labels.tolist() == expected.labels.tolist()
+        assert got.positions.tolist() == expected.positions.tolist()
+        assert got.skipped == expected.skipped
+        assert got.ignored == expected.ignored
+        assert got.class_names == expected.class_names
+        assert got.num_images == expected.num_images
+        assert got.layers == expected.layers
+        for layer in expected.layers:
+            np.testing.assert_allclose(
+                got.read(layer), expected.read(layer), rtol=1e-5, atol=1e-6
+            )
 
 
 def blobs(n_per_class=60, classes=3, dim=12, separation=4.0, seed=0):
@@ -136,3 +150,26 @@ def assert_one_line_error(capsys, code: int, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+# Damaging model folders as a user, a disk or an attacker would
+
+
+def edit_json(folder: Path, change, name: str = "metadata.json") -> None:
+    """Apply `change(metadata)` to a model folder's metadata.json."""
+    path = folder / name
+    metadata = json.loads(path.read_text())
+    change(metadata)
+    path.write_text(json.dumps(metadata))
+
+
+def record_sha256(folder: Path, name: str) -> None:
+    """Record a replaced file's new SHA-256 in metadata.json, as someone replacing it
+    on purpose would."""
+    digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    edit_json(folder, lambda metadata: metadata["files"].update({name: digest}))
+
+
+def truncate(path: Path) -> None:
+    """Keep the first half of a file, as an interrupted copy would."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -18,9 +18,12 @@ from sklearn.preprocessing import StandardScaler
 
 import extract_features
 import predict
-from tl.classifiers import codes_identity, save_classifier
+from tl.classifiers import save_classifier
+from tl.engines.calibration import sample_calibration
 from tl.errors import TLError
 from tl.features import extract, load_extractor
+from tl.images import ImageSettings
+from tl.provenance import layer_identity
 from tl.store import FeatureStore
 
 needs_openvino = pytest.mark.skipif(
@@ -63,7 +66,7 @@ def test_missing_openvino_fails_at_once_with_the_install_command(
     png_tree, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
-    monkeypatch.setattr("tl.features.build_backbone", _fail_if_built)
+    monkeypatch.setattr("tl.backbones.build_backbone", _fail_if_built)
     output = tmp_path / "codes.h5"
     code = extract_features.main(
         [str(png_tree), *COMMON, "--engine", "openvino", "-o", str(output)]
@@ -81,36 +84,39 @@ def test_each_precision_is_refused_by_the_engine_without_it(png_tree, capsys):
         settings(precision="int8")
     with pytest.raises(TLError, match=r"openvino engine has no float16.*engine keras"):
         settings(engine="openvino", precision="float16")
-    with pytest.raises(TLError, match=r"Unknown engine 'onnx'; choose one of keras"):
+    with pytest.raises(
+        TLError,
+        match=r"'engine' parameter must be one of 'keras', 'openvino'. Got 'onnx'",
+    ):
         settings(engine="onnx")
     code = extract_features.main([str(png_tree), *COMMON, "--precision", "int8"])
     assert_one_line_error(capsys, code, "keras engine has no int8", "--engine openvino")
 
 
 def test_calibration_settings_belong_to_int8_only(png_tree, tmp_path, capsys):
-    float32 = settings(engine="openvino", calibration_images=10)
-    assert (float32.calibration_images, float32.calibration_source) == (None, None)
+    with pytest.raises(TLError, match=r"with the 'int8' precision only\. Got 10"):
+        settings(engine="openvino", calibration_images=10)
     int8 = settings(engine="openvino", precision="int8", calibration_source=png_tree)
-    assert int8.calibration_images == 300
-    assert int8.calibration_source == str(png_tree.resolve())
-    with pytest.raises(TLError, match="positive integer, got 0"):
+    assert int8.engine.calibration_images == 300
+    assert int8.engine.calibration_source == str(png_tree.resolve())
+    with pytest.raises(TLError, match=r"integer >= 1\. Got 0"):
         settings(engine="openvino", precision="int8", calibration_images=0)
     with pytest.raises(TLError, match="Calibration source '/no/such' does not exist"):
-        settings(engine="openvino", precision="int8", calibration_source="/no/such")
+        sample_calibration("/no/such", 10, ImageSettings())
     code = extract_features.main([str(png_tree), *COMMON, "--calibration-images", "50"])
-    assert_one_line_error(capsys, code, "apply to --precision int8 only")
+    assert_one_line_error(capsys, code, "--calibration-images", "'int8' precision only")
 
 
-def test_codes_identity_tells_engines_apart_and_reads_old_stores_as_keras():
+def test_layer_identity_tells_engines_apart_and_reads_old_stores_as_keras():
     old = {"backbone": "vgg16", "weights": "none", "precision": "float32"}
     layer = {"layer": "block5_pool", "pooling": "avg"}
     keras_codes = {**old, "engine": "keras", "calibration_sha256": None}
-    assert codes_identity(old, layer) == codes_identity(keras_codes, layer)
+    assert layer_identity(old, layer) == layer_identity(keras_codes, layer)
     openvino = {**keras_codes, "engine": "openvino"}
-    assert codes_identity(openvino, layer) != codes_identity(keras_codes, layer)
+    assert layer_identity(openvino, layer) != layer_identity(keras_codes, layer)
     int8 = {**openvino, "precision": "int8", "calibration_sha256": "ab"}
     other = {**int8, "calibration_sha256": "cd"}
-    assert codes_identity(int8, layer) != codes_identity(other, layer)
+    assert layer_identity(int8, layer) != layer_identity(other, layer)
 
 
 def _saved_probe(store, directory, layer: str = "block3_pool"):
@@ -141,7 +147,7 @@ def keras_probe(png_tree, tmp_path):
 def test_predict_refuses_another_engine_than_the_training_codes(
     keras_probe, png_tree, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr("tl.features.build_backbone", _fail_if_built)
+    monkeypatch.setattr("tl.backbones.build_backbone", _fail_if_built)
     output = str(tmp_path / "p.csv")
     for option in (["--engine", "openvino"], ["--precision", "bfloat16"]):
         code = predict.main([str(keras_probe), str(png_tree), "-o", output, *option])
@@ -173,7 +179,7 @@ def test_openvino_float32_codes_equal_keras_codes(png_tree, backbone, layers, po
         png_tree, sorted(str(p.relative_to(png_tree)) for p in png_tree.rglob("*.png"))
     )
     reference = keras.compile_extractor(extractor.model, CompileRequest("float32", {}))
-    expected, got = reference.run(pixels), extractor.compiled.run(pixels)
+    expected, got = reference.codes_of(pixels), extractor.compiled.codes_of(pixels)
     assert sorted(got) == sorted(expected) == sorted(t.layer for t in extractor.taps)
     for layer, codes in expected.items():
         assert got[layer].shape == codes.shape
@@ -255,9 +261,9 @@ def test_test_images_reuse_the_cached_training_calibration(tmp_path, monkeypatch
         FeatureStore(tmp_path / "test.h5") as test_store,
         FeatureStore(tmp_path / "self.h5") as self_store,
     ):
-        ours = codes_identity(train_store.settings, layer)
-        assert codes_identity(test_store.settings, layer) == ours
-        assert codes_identity(self_store.settings, layer) != ours
+        ours = layer_identity(train_store.settings, layer)
+        assert layer_identity(test_store.settings, layer) == ours
+        assert layer_identity(self_store.settings, layer) != ours
 
 
 @needs_openvino

@@ -5,13 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import blobs, write_store
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.model_selection import (
+    GridSearchCV,
+    StratifiedKFold,
+    cross_val_score,
+    train_test_split,
+)
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import Normalizer, StandardScaler
 
+from tl.classifiers import CLASSIFIERS
 from tl.errors import TLError
-from tl.evaluation import compare
+from tl.evaluation import _batches_of_at_least, compare
+from tl.reports import protocol_summary
 
 FAST = {"classifiers": ("logreg", "linear_svm"), "jobs": 1, "progress": False}
 NAMES = ["a", "b", "c"]
@@ -130,11 +139,58 @@ def test_nested_cv_reports_the_selection_procedure(tmp_path):
     assert len(selected) == 3 * 3  # three metrics per outer fold
 
 
+def test_nested_cv_final_model_is_chosen_by_the_inner_rule_on_all_rows(tmp_path):
+    # three similar layers: the candidate with the best mean outer-fold accuracy
+    # (the old rule) is not the one the inner CV on all rows picks
+    layers = {
+        f"l{i}": blobs(n_per_class=16, dim=6, separation=1.0, seed=120 + i)[0]
+        for i in range(3)
+    }
+    y = blobs(n_per_class=16)[1]
+    store = write_store(tmp_path / "s.h5", layers, y, NAMES)
+    names = ("ridge", "knn")
+    result = compare(
+        store, protocol="cv", folds=3, classifiers=names, seed=12, jobs=1,
+        progress=False,
+    )  # fmt: skip
+    estimators = {
+        "ridge": RidgeClassifier(),
+        "knn": KNeighborsClassifier(metric="cosine"),
+    }
+    folds = StratifiedKFold(3, shuffle=True, random_state=12)
+    independent = {}
+    for layer, X in layers.items():
+        for name in names:
+            pipeline = Pipeline(
+                [("scale", StandardScaler()), ("model", estimators[name])]
+            )
+            grid = {f"model__{k}": v for k, v in CLASSIFIERS[name].grid.items()}
+            search = GridSearchCV(pipeline, grid, cv=folds).fit(X, y)
+            best = search.best_index_
+            mean = search.cv_results_["mean_test_score"][best]
+            std = search.cv_results_["std_test_score"][best]
+            independent[(layer, name)] = ((mean, -std), search)
+    expected = max(independent, key=lambda key: independent[key][0])
+    by_outer_mean = max(result.candidates, key=lambda c: c.test["accuracy"])
+    assert (by_outer_mean.layer, by_outer_mean.classifier) != expected  # the old rule
+    winner = result.winner
+    assert (winner.layer, winner.classifier) == expected
+    search = independent[expected][1]
+    assert winner.params == {
+        k.removeprefix("model__"): v for k, v in search.best_params_.items()
+    }
+    assert result.final_selection["inner_cv"] == pytest.approx(search.best_score_)
+    refit = search.best_estimator_  # refit on all rows
+    X = layers[winner.layer]
+    np.testing.assert_array_equal(winner.pipeline.predict(X), refit.predict(X))
+    assert "chosen by the same rule on all rows (3-fold CV" in protocol_summary(result)
+
+
 def test_low_shot_curves_have_rows_per_shots_and_seed(separable):
     result = compare(
         separable,
         classifiers=("logreg",),
-        shots=(1, 5, 1000),
+        shots=(1, 5, 1000, 60),
         shot_seeds=3,
         jobs=1,
         progress=False,
@@ -144,15 +200,25 @@ def test_low_shot_curves_have_rows_per_shots_and_seed(separable):
         for r in result.rows
         if r["protocol"] == "low_shot" and r["metric"] == "accuracy"
     ]
-    assert {(r["layer"], r["shots"]) for r in rows} == {
-        ("noise", 1),
-        ("noise", 5),
+    # 60 per class, 48 of them training rows: 1000 and 60 become 48, once
+    assert sorted({(r["layer"], r["shots"]) for r in rows}) == [
         ("good", 1),
         ("good", 5),
-    }  # 1000 > class size
-    assert len(rows) == 2 * 2 * 3
+        ("good", 48),
+        ("noise", 1),
+        ("noise", 5),
+        ("noise", 48),
+    ]
+    assert len(rows) == 2 * 3 * 3
+    assert any(
+        "shots 1000, 60" in note and "only 48 training rows" in note
+        for note in result.adjustments
+    )
     good_5 = [r["value"] for r in rows if r["layer"] == "good" and r["shots"] == 5]
     assert np.mean(good_5) > 0.9
+    # all training rows of every class: each seed fits the same rows
+    good_all = [r["value"] for r in rows if r["layer"] == "good" and r["shots"] == 48]
+    assert max(good_all) == min(good_all) > 0.9
 
 
 def test_out_of_core_sgd_reads_chunks_and_matches_in_memory_scaling(tmp_path):
@@ -175,6 +241,51 @@ def test_out_of_core_sgd_reads_chunks_and_matches_in_memory_scaling(tmp_path):
     scaler = winner.pipeline.named_steps["normalize"]
     np.testing.assert_allclose(scaler.mean_, X[train].mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(scaler.scale_, X[train].std(axis=0), rtol=1e-4)
+
+
+@pytest.mark.parametrize(("normalization", "pca"), [("l2", None), ("standard", 6)])
+def test_out_of_core_pipeline_has_the_normalization_and_pca_it_claims(
+    tmp_path, normalization, pca
+):
+    X, y = blobs(n_per_class=1400, dim=8)
+    X, y = X[:4099], y[:4099]  # the store's second 4,096-row chunk holds 3 rows
+    store = write_store(tmp_path / "s.h5", {"codes": X}, y, NAMES)
+    result = compare(
+        store, classifiers=("sgd",), normalization=normalization, pca=pca,
+        out_of_core="always", jobs=1, progress=False,
+    )  # fmt: skip
+    winner = result.winner
+    assert winner.test["accuracy"] > 0.95
+    train = np.setdiff1d(np.arange(len(y)), result.split["test_rows"])
+    steps = winner.pipeline.named_steps
+    if normalization == "l2":
+        assert isinstance(steps["normalize"], Normalizer)
+        expected = steps["classifier"].predict(X / np.linalg.norm(X, axis=1)[:, None])
+        np.testing.assert_array_equal(winner.pipeline.predict(X), expected)
+    else:
+        assert isinstance(steps["normalize"], StandardScaler)
+    if pca is None:
+        assert steps["pca"] == "passthrough"
+    else:
+        assert steps["pca"].n_components_ == pca
+        assert 0 < np.sum(train >= 4096) < pca  # a chunk too small for PCA alone
+        scaled = StandardScaler().fit_transform(X[train])
+        reference = PCA(pca).fit(scaled).components_
+        # the same subspace as an in-memory PCA: all principal angles near zero
+        cosines = np.linalg.svd(steps["pca"].components_ @ reference.T)[1]
+        np.testing.assert_allclose(cosines, 1, atol=1e-3)
+        assert steps["classifier"].coef_.shape == (3, pca)
+
+
+def test_chunks_are_regrouped_for_incremental_pca():
+    # IncrementalPCA.partial_fit needs (in some scikit-learn versions, in every
+    # batch) as many rows as components; a chunk of selected rows may be smaller
+    sizes = [2, 7, 1, 1, 6, 3]
+    chunks = [np.full((n, 2), i) for i, n in enumerate(sizes)]
+    batches = list(_batches_of_at_least(iter(chunks), 5))
+    assert len(batches) > 1 and all(len(b) >= 5 for b in batches)
+    np.testing.assert_array_equal(np.concatenate(batches), np.concatenate(chunks))
+    assert [len(b) for b in _batches_of_at_least(iter(chunks[:1]), 5)] == [2]
 
 
 def test_bad_stores_give_clear_errors(tmp_path):
@@ -220,3 +331,27 @@ def test_nonfinite_codes_are_refused_or_dropped_with_a_note(tmp_path):
         for note in result.adjustments
     )
     assert result.split["train"] + result.split["test"] == 57
+
+
+def test_nonfinite_codes_that_leave_nothing_to_compare_are_one_clear_error(tmp_path):
+    X, y = blobs(n_per_class=20)
+    dead = np.full_like(X, np.nan)
+    store = write_store(tmp_path / "d.h5", {"good": X, "dead": dead}, y, NAMES)
+    for drop in (False, True):
+        with pytest.raises(
+            TLError, match=r"in layer\(s\) dead; leave them out with --layers good,"
+        ):
+            compare(store, drop_nonfinite=drop, **FAST)
+    result = compare(store, layers=("good",), **FAST)
+    assert result.winner.layer == "good"
+    first, second = X.copy(), X.copy()
+    first[:30], second[30:] = np.nan, np.inf  # together: every row
+    store = write_store(tmp_path / "h.h5", {"a": first, "b": second}, y, NAMES)
+    with pytest.raises(TLError, match=r"Every row .* one of the layers a, b"):
+        compare(store, drop_nonfinite=True, **FAST)
+    X[20:] = np.nan  # classes b and c
+    store = write_store(tmp_path / "c.h5", {"c": X}, y, NAMES)
+    with pytest.raises(
+        TLError, match=r"only 'a' \(20 images\) after dropping 40 rows with NaN"
+    ):
+        compare(store, drop_nonfinite=True, **FAST)

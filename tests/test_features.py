@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -12,10 +13,11 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import SMALL, load_pngs, settings, write_png_tree
+from conftest import SMALL, assert_same_store, load_pngs, settings, write_png_tree
 
 from tl.errors import TLError
 from tl.features import Pooling, extract, resume
+from tl.locking import lock_path
 from tl.store import FeatureStore, merge_stores
 
 
@@ -152,7 +154,7 @@ def test_metadata_records_how_codes_were_made(png_tree, tmp_path, vgg_weights):
         provenance = store.provenance
         assert provenance["weights"]["source"] == "file"
         assert provenance["preprocessing"] == "caffe"
-        assert provenance["keras_version"] == keras.__version__
+        assert provenance["versions"]["keras"] == keras.__version__
         info = {i["requested"]: i for i in store.layer_info}
         assert info["block3"]["layer"] == "block3_pool"
         assert info["block3"]["raw_shape"] == [4, 4, 256]
@@ -245,20 +247,7 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_rows(png_tree, tmp
         assert len(partial.skipped) == 1  # bee/broken.png sorts at position 5
     result = extract(png_tree, output, settings(), batch_size=3, progress=False)
     assert result.images_processed == 16 - 7
-    _assert_same_store(reference, output)
-
-
-def _assert_same_store(expected_path, got_path):
-    with FeatureStore(expected_path) as expected, FeatureStore(got_path) as got:
-        assert got.paths == expected.paths
-        assert got.labels.tolist() == expected.labels.tolist()
-        assert got.positions.tolist() == expected.positions.tolist()
-        assert got.skipped == expected.skipped
-        assert got.layers == expected.layers
-        for layer in expected.layers:
-            np.testing.assert_allclose(
-                got.read(layer), expected.read(layer), rtol=1e-5, atol=1e-6
-            )
+    assert_same_store(reference, output)
 
 
 def test_sigkilled_process_resumes_with_no_duplicate_or_missing_rows(tmp_path):
@@ -283,12 +272,17 @@ def test_sigkilled_process_resumes_with_no_duplicate_or_missing_rows(tmp_path):
                 progress=False, on_batch=kill)
         """
     )
-    process = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True
+    )
+    assert process.wait() == -signal.SIGKILL, process.stderr.read()[-2000:]
     with FeatureStore(output, require_complete=False) as partial:
         assert 0 < len(partial) < 16
+    # the dead writer's lock is left behind, and taken over by the next run
+    assert json.loads(lock_path(output).read_text())["pid"] == process.pid
     resume(output, progress=False, batch_size=5)
-    _assert_same_store(reference, output)
+    assert not lock_path(output).exists()
+    assert_same_store(reference, output)
 
 
 def test_changed_settings_are_refused_unless_overwrite(png_tree, tmp_path):
@@ -317,6 +311,9 @@ def test_changed_settings_are_refused_unless_overwrite(png_tree, tmp_path):
 
 def test_shards_merge_into_the_single_run_store(png_tree, tmp_path):
     (png_tree / "bee" / "broken.jpg").write_text("nope")
+    (png_tree / "loose.png").write_bytes(
+        (png_tree / "ant" / "img_000.png").read_bytes()
+    )
     reference = tmp_path / "reference.h5"
     extract(png_tree, reference, settings(), batch_size=4, progress=False)
     shards = []
@@ -328,7 +325,33 @@ def test_shards_merge_into_the_single_run_store(png_tree, tmp_path):
     with pytest.raises(TLError, match=r"each of 0\.\.2 exactly once"):
         merge_stores(shards[:2], tmp_path / "partial.h5")
     merged = merge_stores(list(reversed(shards)), tmp_path / "merged.h5")
-    _assert_same_store(reference, merged)
+    assert_same_store(reference, merged)
+    with FeatureStore(merged) as store:
+        assert store.ignored == [("loose.png", "not inside a class folder")]
+
+
+def test_interrupted_shard_keeps_its_committed_skipped_files(png_tree, tmp_path):
+    """Skipped positions count from the start of the index, a shard's progress from
+    the start of its slice: resuming the second shard kept none of its skipped files.
+    """
+    (png_tree / "cat" / "img_001.png").write_text("broken")  # position 10, shard 1
+    reference = tmp_path / "reference.h5"
+    extract(png_tree, reference, settings(), shard=(1, 2), batch_size=2, progress=False)
+    output = tmp_path / "shard.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract(
+            png_tree,
+            output,
+            settings(),
+            shard=(1, 2),
+            batch_size=2,
+            progress=False,
+            on_batch=_interrupt_after(2),
+        )
+    with FeatureStore(output, require_complete=False) as partial:
+        assert partial.skipped == [(10, "cat/img_001.png", partial.skipped[0][2])]
+    extract(png_tree, output, settings(), shard=(1, 2), batch_size=2, progress=False)
+    assert_same_store(reference, output)
 
 
 def test_refuses_when_codes_do_not_fit_on_disk(png_tree, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ scikit-learn's own predictions and class weights, numpy for the L2-SP penalty.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,15 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMALL, load_pngs, write_png_tree
+from conftest import (
+    SMALL,
+    assert_one_line_error,
+    edit_json,
+    load_pngs,
+    record_sha256,
+    truncate,
+    write_png_tree,
+)
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -63,7 +72,7 @@ def weights_of(layer) -> dict[str, np.ndarray]:
 # A VGG16 run: training, outputs, prediction, resume
 
 
-VGG_SETTINGS = FineTuneSettings(
+VGG_SETTINGS = FineTuneSettings.create(
     backbone="vgg16", weights="none", image_size=SMALL, head_epochs=2, epochs=2,
     unfreeze="block5", batch_size=4, head_learning_rate=1e-2, dropout=0.3,
     augment=("flip", "contrast"), val_split=0.2, test_split=0.25,
@@ -112,6 +121,9 @@ def test_fine_tuning_trains_above_chance_and_reports_like_the_leaderboard(vgg_ru
     metadata = json.loads((directory / "metadata.json").read_text())
     assert metadata["format"] == "tl-finetuned"
     assert metadata["class_names"] == ["bright", "dark"]
+    assert model.model.get_layer("class_names").class_names == ["bright", "dark"]
+    model_bytes = (directory / "model.keras").read_bytes()
+    assert metadata["files"] == {"model.keras": hashlib.sha256(model_bytes).hexdigest()}
     assert metadata["image_size"] == [SMALL, SMALL]
     assert not (directory / "checkpoints").exists()
 
@@ -141,6 +153,79 @@ def test_predict_py_classifies_with_a_fine_tuned_model(vgg_run, tmp_path):
     np.testing.assert_allclose(table["score"], probabilities.max(axis=1), rtol=1e-6)
     assert (table["true"] == [path.split("/")[0] for path in table["path"]]).all()
     assert set(table["score_kind"]) == {"probability"}
+
+
+def tiny_model(with_lambda: bool) -> keras.Model:
+    """A model of registered layers, or one with a Lambda layer (Python code)."""
+    pixels = keras.Input((SMALL, SMALL, 3))
+    x = keras.layers.GlobalAveragePooling2D()(pixels)
+    if with_lambda:
+        x = keras.layers.Lambda(lambda x: x * 2)(x)
+    return keras.Model(pixels, keras.layers.Dense(2, activation="softmax")(x))
+
+
+def replace_model(with_lambda: bool):
+    def replace(folder):
+        tiny_model(with_lambda).save(folder / "model.keras")
+        record_sha256(folder, "model.keras")
+
+    return replace
+
+
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (
+            lambda folder: truncate(folder / "metadata.json"),
+            ["metadata.json", "not valid JSON"],
+        ),
+        (
+            lambda folder: edit_json(folder, lambda m: m.pop("image_size")),
+            ["metadata.json", "lacks 'image_size'", "fine_tune.py"],
+        ),
+        (  # was Keras' "File not found" for a file that exists
+            lambda folder: truncate(folder / "model.keras"),
+            ["model.keras", "changed or truncated"],
+        ),
+        (  # was silently relabelled
+            lambda folder: edit_json(folder, lambda m: m["class_names"].reverse()),
+            ["was edited: its class_names ['dark', 'bright']", "model.keras"],
+        ),
+        (  # was a traceback from the model's input signature
+            lambda folder: edit_json(folder, lambda m: m.update(image_size=[64, 64])),
+            ["was edited: its image_size [64, 64] differs from [32, 32]"],
+        ),
+        (
+            replace_model(with_lambda=True),
+            ["model.keras", "`Lambda` layer", "safe mode"],
+        ),
+        (
+            replace_model(with_lambda=False),
+            ["model.keras", "has no ClassNames layer"],
+        ),
+    ],
+    ids=[
+        "truncated metadata.json",
+        "missing key",
+        "truncated model.keras",
+        "reordered class_names",
+        "edited image_size",
+        "a Lambda layer",
+        "no class names in the model",
+    ],
+)
+def test_damaged_edited_or_foreign_run_folders_are_refused_in_one_line(
+    vgg_run, tmp_path, capsys, damage, fragments
+):
+    images, result = vgg_run
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("metadata.json", "model.keras"):
+        shutil.copy(result.directory / name, folder / name)
+    damage(folder)
+    code = predict.main([str(folder), str(images), "-o", str(tmp_path / "p.csv")])
+    assert_one_line_error(capsys, code, *fragments)
+    assert not (tmp_path / "p.csv").exists()
 
 
 class StopAfter(keras.callbacks.Callback):
@@ -317,13 +402,10 @@ def save_probe(root, name, classifier="logreg", normalization="standard", pca=No
         if pca:
             pipeline.set_params(pca__whiten=whiten)
         pipeline.fit(X, y)
+        names = ["other", "cat"] if binary else None
         save_classifier(root / name, pipeline, store=codes, layer=layer,
                         classifier=classifier, params={}, normalization=normalization,
-                        pca=pca)  # fmt: skip
-    if binary:
-        meta = json.loads((root / name / "metadata.json").read_text())
-        meta["class_names"] = ["other", "cat"]
-        (root / name / "metadata.json").write_text(json.dumps(meta))
+                        pca=pca, class_names=names)  # fmt: skip
     return load_classifier(root / name), X
 
 
@@ -345,7 +427,7 @@ def test_init_head_predicts_what_the_saved_probe_predicts(
     name = f"{classifier}_{normalization}_{pca}_{whiten}_{binary}"
     saved, codes = save_probe(root, name, classifier, normalization, pca,
                               binary=binary, whiten=whiten)  # fmt: skip
-    settings = FineTuneSettings(
+    settings = FineTuneSettings.create(
         backbone="vgg16", weights="none", image_size=SMALL, init_head=str(root / name)
     )
     names = saved.class_names
@@ -427,6 +509,12 @@ def test_init_head_refuses_probes_of_other_codes_or_classifiers(
     assert "backbone: probe has 'vgg19', this model 'vgg16'" in refused(
         "other_backbone"
     )
+    edited = root / "relabelled_probe"
+    shutil.copytree(root / "good_probe", edited, dirs_exist_ok=True)
+    edit_json(edited, lambda metadata: metadata["class_names"].reverse())
+    assert "was edited: its class_names ['cat', 'bee', 'ant']" in refused(
+        "relabelled_probe"
+    )
     save_probe(root, "knn_probe", classifier="knn")
     assert "needs a linear classifier" in refused("knn_probe")
     save_probe(root, "binary_probe", binary=True)
@@ -472,7 +560,7 @@ def test_unfreeze_selects_blocks_layers_and_fractions():
 
 
 def test_l2_sp_penalises_distance_to_the_pretrained_weights_of_trained_layers():
-    settings = FineTuneSettings(
+    settings = FineTuneSettings.create(
         backbone="vgg16", weights="none", image_size=SMALL, l2_sp=0.1,
         unfreeze="block5",
     )  # fmt: skip
@@ -497,8 +585,8 @@ def test_balanced_class_weights_match_scikit_learn():
 def test_half_precision_model_keeps_a_float32_head():
     base = dict(backbone="vgg16", weights="none", image_size=SMALL, dropout=0.0)
     pixels = np.random.default_rng(0).uniform(0, 255, (4, SMALL, SMALL, 3))
-    full = build_model(FineTuneSettings(**base), 3).model
-    half = build_model(FineTuneSettings(**base, precision="bfloat16"), 3).model
+    full = build_model(FineTuneSettings.create(**base), 3).model
+    half = build_model(FineTuneSettings.create(**base, precision="bfloat16"), 3).model
     assert half.get_layer("backbone").compute_dtype == "bfloat16"
     assert half.get_layer("logits").compute_dtype == "float32"
     outputs = np.asarray(half(pixels.astype("float32")))
@@ -510,8 +598,7 @@ def test_half_precision_model_keeps_a_float32_head():
     "arguments, message",
     [
         (["--unfreeze", "conv9"], "Unknown layer 'conv9' for vgg16"),
-        (["--unfreeze", "1.5"], "a fraction of layers must be in (0, 1]"),
-        (["--val-split", "1"], "--val-split must be in [0, 1), got 1.0"),
+        (["--val-split", "1"], "The --val-split option must be in [0, 1). Got 1.0"),
         (["--head-epochs", "0", "--epochs", "0"], "Nothing to train"),
     ],
 )

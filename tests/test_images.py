@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -35,7 +38,10 @@ def test_folder_index_is_sorted_recursive_and_ignores_hidden(tmp_path):
     assert index.class_names == ["a", "b", "c"]
     assert index.paths == ["a/x.jpeg", "a/sub/y.bmp", "b/10.JPG", "b/2.png", "c/z.GIF"]
     assert index.labels.tolist() == [0, 0, 1, 1, 2]
-    assert index.ignored == ["loose.png"]
+    assert index.ignored == [
+        ("loose.png", "not inside a class folder"),
+        ("a/notes.txt", "not an image file (.txt)"),
+    ]
     assert index.fingerprint() == index_folder(tmp_path).fingerprint()
 
 
@@ -67,11 +73,145 @@ def test_csv_index_with_and_without_labels(tmp_path):
     assert index.class_names == ["ant", "zebra"]
     assert index.labels.tolist() == [1, 0]
     assert index.absolute_paths() == [str(tmp_path / "imgs/one.png"), "/abs/two.png"]
-    (tmp_path / "plain.csv").write_text("imgs/one.png\n")
+    (tmp_path / "swapped.csv").write_text(  # as spreadsheets save it, with a BOM
+        "\ufeffLabel, Path\nzebra,imgs/one.png\n", encoding="utf-8"
+    )
+    swapped = index_csv(tmp_path / "swapped.csv")
+    assert (swapped.paths, swapped.class_names) == (["imgs/one.png"], ["zebra"])
+    (tmp_path / "plain.csv").write_text("path\nimgs/one.png\n")
     assert index_csv(tmp_path / "plain.csv").labels.tolist() == [UNLABELED]
-    (tmp_path / "bad.csv").write_text("a.png,x\nb.png\n")
-    with pytest.raises(TLError, match="one column"):
+    (tmp_path / "bad.csv").write_text("path,label\na.png,x\nb.png\n")
+    with pytest.raises(TLError, match=r"Line 3 of CSV .* has 1 columns, its header 2"):
         index_csv(tmp_path / "bad.csv")
+    (tmp_path / "blank.csv").write_text("path,label\na.png,x\nb.png, \n")
+    with pytest.raises(TLError, match=r"Line 3 of CSV .* has an empty label"):
+        index_csv(tmp_path / "blank.csv")
+    with pytest.raises(TLError, match=r"Cannot read the CSV .*: No such file"):
+        index_csv(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize(
+    "first_row", ["pth,label", "imgs/one.png,zebra", "path,label,extra", "path,path"]
+)
+def test_csv_without_a_path_header_is_refused_never_read_as_data(tmp_path, first_row):
+    (tmp_path / "list.csv").write_text(f"{first_row}\nimgs/one.png,zebra\n")
+    with pytest.raises(TLError) as error:
+        index_images(tmp_path / "list.csv")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'path' column and optionally a 'label' column" in message
+    assert ", ".join(map(repr, first_row.split(","))) in message
+
+
+def test_unlabeled_csv_ignores_its_label_column(tmp_path):
+    (tmp_path / "list.csv").write_text("path,label\na.png,zebra\nb.png,ant\n")
+    index = index_images(tmp_path / "list.csv", labels=None)
+    assert index.paths == ["a.png", "b.png"]
+    assert index.labels.tolist() == [UNLABELED, UNLABELED]
+    assert index.class_names == []
+
+
+def _tree(root, counts):
+    for name, count in counts.items():
+        for i in range(count):
+            _touch_image(root / name / f"{i}.png")
+
+
+def _own_class(index):
+    """The class each indexed image really lives in, by its path's first folder."""
+    return [index.class_names[label] for label in index.labels] == [
+        path.split("/")[0] for path in index.paths
+    ]
+
+
+def test_symlink_loop_in_a_class_folder_is_listed_not_followed(tmp_path):
+    _tree(tmp_path, {"a": 5, "b": 5})
+    (tmp_path / "a" / "loop").symlink_to("..")
+    index = index_folder(tmp_path)
+    assert index.paths == [f"{c}/{i}.png" for c in "ab" for i in range(5)]
+    assert _own_class(index)
+    assert index.ignored == [
+        ("a/loop", f"symlink loop to {tmp_path.resolve()} (a folder that contains it)")
+    ]
+    unlabeled = index_folder(tmp_path, labels=None)
+    assert unlabeled.paths == index.paths
+    assert unlabeled.ignored == index.ignored
+
+
+def test_symlinked_duplicates_are_indexed_once_under_their_real_class(tmp_path):
+    _tree(tmp_path / "tree", {"a": 2, "b": 2})
+    _tree(tmp_path / "outside", {"cats": 3})
+    tree = tmp_path / "tree"
+    (tree / "a" / "0_copy.png").symlink_to("../b/1.png")  # a file of class b
+    (tree / "a" / "alias").symlink_to("../b")  # the whole folder of class b
+    (tree / "c").symlink_to(tmp_path / "outside" / "cats")  # a class elsewhere
+    (tree / "d").symlink_to(tmp_path / "outside" / "cats")  # the same one again
+    (tree / "e").symlink_to("b")  # a class folder that is another class
+    (tree / "c" / "link.png").symlink_to("0.png")  # inside the followed folder
+    index = index_folder(tree)
+    assert index.class_names == ["a", "b", "c"]
+    assert index.paths == ["a/0.png", "a/1.png", "b/0.png", "b/1.png",
+                           "c/0.png", "c/1.png", "c/2.png"]  # fmt: skip
+    assert _own_class(index)
+    assert sorted(index.ignored) == [
+        ("a/0_copy.png", "duplicate of b/1.png (same file through a symlink)"),
+        ("a/alias", "duplicate of folder b (same folder through a symlink)"),
+        ("c/link.png", "duplicate of c/0.png (same file through a symlink)"),
+        ("d", "duplicate of folder c (same folder through a symlink)"),
+        ("e", "duplicate of folder b (same folder through a symlink)"),
+    ]
+    assert len({os.path.realpath(p) for p in index.absolute_paths()}) == len(index)
+
+
+def _every_entry(root):
+    """Every non-hidden file, link and folder below `root`, without following links."""
+    found = set()
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in files + subfolders:
+            if not name.startswith("."):
+                found.add(os.path.relpath(os.path.join(folder, name), root))
+    return found
+
+
+def test_every_file_is_indexed_or_listed_with_a_reason(tmp_path):
+    _tree(tmp_path, {"a": 1, "b": 1})
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "scan.tif")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "photo.WEBP", lossless=True)
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "b" / "README").write_text("no extension")
+    (tmp_path / "b" / "gone.png").symlink_to("nowhere.png")
+    _touch_image(tmp_path / "loose.png")
+    _touch_image(tmp_path / "a" / ".hidden.png")
+    _touch_image(tmp_path / ".thumbs" / "x.png")
+    index = index_folder(tmp_path)
+    assert index.paths == ["a/0.png", "a/scan.tif", "b/0.png", "b/photo.WEBP"]
+    assert dict(index.ignored) == {
+        "loose.png": "not inside a class folder",
+        "b/README": "not an image file (no extension)",
+        "b/gone.png": "broken symlink",
+        "b/notes.txt": "not an image file (.txt)",
+    }
+    folders = set(index.class_names)
+    assert set(index.paths) | set(dict(index.ignored)) | folders == _every_entry(
+        tmp_path
+    )
+
+
+def test_a_folder_that_cannot_be_read_is_listed(tmp_path, monkeypatch):
+    _tree(tmp_path, {"a": 1, "b": 1})
+    _touch_image(tmp_path / "b" / "locked" / "x.png")
+    real_scandir = os.scandir
+
+    def scandir(path):  # chmod 000 does not stop root, who may run the tests
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    index = index_folder(tmp_path)
+    assert index.paths == ["a/0.png", "b/0.png"]
+    assert index.ignored == [("b/locked", "cannot read folder: Permission denied")]
 
 
 @pytest.fixture
@@ -142,15 +282,73 @@ def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path):
     Image.new("RGB", (400, 300)).save(tmp_path / "big.jpg")
     Image.new("RGB", (400, 300)).save(tmp_path / "big.gif")
     Image.new("RGB", (400, 300)).save(tmp_path / "big.bmp")
+    Image.new("RGB", (400, 300)).save(tmp_path / "big.tif")
+    Image.new("RGB", (400, 300)).save(tmp_path / "lossy.webp")
+    Image.new("RGB", (400, 300)).save(tmp_path / "lossless.webp", lossless=True)
+    Image.new("RGB", (400, 300)).save(tmp_path / "extended.webp", exif=b"Exif")
     Image.new("RGB", (10, 10)).save(tmp_path / "small.png")
     settings = ImageSettings((8, 8), max_pixels=100_000)
-    names = ["big.png", "big.jpg", "big.gif", "big.bmp", "small.png"]
+    names = ["big.png", "big.jpg", "big.gif", "big.bmp", "big.tif", "lossy.webp",
+             "lossless.webp", "extended.webp", "small.png"]  # fmt: skip
     paths = [str(tmp_path / n) for n in names]
-    kept = [int(p) for batch, _ in image_batches(paths, np.arange(5), settings, 8)
+    kept = [int(p) for batch, _ in image_batches(paths, np.arange(9), settings, 8)
             for p in batch.numpy()]  # fmt: skip
-    assert kept == [4]
-    for path in paths[:4]:
+    assert kept == [8]
+    for path in paths[:8]:
         assert "400x300 = 0.1 megapixels, above the limit" in diagnose(path, settings)
+
+
+@pytest.fixture
+def pillow_only(tmp_path):
+    """TIFFs in many modes and WEBPs (still and animated) of one 6x5 picture."""
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8))
+    for mode in ["RGB", "RGBA", "L", "P", "CMYK"]:
+        base.convert(mode).save(tmp_path / f"{mode.lower()}.tif")
+    base.save(tmp_path / "lzw.tiff", compression="tiff_lzw")
+    base.save(tmp_path / "lossless.webp", lossless=True)
+    base.convert("RGBA").save(tmp_path / "alpha.webp", lossless=True)
+    flipped = base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    base.save(tmp_path / "animated.webp", save_all=True, append_images=[flipped],
+              lossless=True)  # fmt: skip
+    gray16 = Image.fromarray(rng.integers(0, 2**16, (5, 6), dtype=np.uint16))
+    gray16.save(tmp_path / "gray16.tif")
+    gray16.save(tmp_path / "gray16.png")
+    return tmp_path, base
+
+
+def test_tiff_and_webp_give_exactly_the_pixels_pillow_reads(pillow_only):
+    folder, base = pillow_only
+    for name in ["rgb.tif", "rgba.tif", "l.tif", "p.tif", "cmyk.tif", "lzw.tiff",
+                 "lossless.webp", "alpha.webp"]:  # fmt: skip
+        with Image.open(folder / name) as image:
+            expected = np.asarray(image.convert("RGB"))
+        np.testing.assert_array_equal(_load(folder / name), expected, err_msg=name)
+    np.testing.assert_array_equal(_load(folder / "rgb.tif"), np.asarray(base))
+    np.testing.assert_array_equal(_load(folder / "animated.webp"), np.asarray(base))
+    high_byte = np.asarray(Image.open(folder / "gray16.tif"), np.uint16) >> 8
+    np.testing.assert_array_equal(_load(folder / "gray16.tif")[..., 1], high_byte)
+    np.testing.assert_array_equal(  # as TensorFlow makes 8 bits of a 16-bit PNG
+        _load(folder / "gray16.tif"), _load(folder / "gray16.png")
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # Pillow, on the cut TIFF
+def test_bad_tiff_and_webp_are_dropped_and_diagnosed(pillow_only):
+    folder, _ = pillow_only
+    for name in ["rgb.tif", "lossless.webp"]:
+        data = (folder / name).read_bytes()
+        (folder / f"cut_{name}").write_bytes(data[: len(data) // 2])
+    names = ["cut_rgb.tif", "rgb.tif", "cut_lossless.webp", "lossless.webp"]
+    settings = ImageSettings((5, 6))
+    paths = [str(folder / name) for name in names]
+    kept = [int(p) for batch, _ in image_batches(paths, np.arange(4), settings, 4)
+            for p in batch.numpy()]  # fmt: skip
+    assert kept == [1, 3]
+    assert diagnose(paths[0], settings) == (
+        "cannot decode: damaged or truncated TIFF (its header is unreadable)"
+    )
+    assert diagnose(paths[2], settings) == "cannot decode: Failed to decode WebP image."
 
 
 def test_resize_modes_keep_or_ignore_aspect_ratio(tmp_path):
@@ -170,7 +368,14 @@ def test_resize_modes_keep_or_ignore_aspect_ratio(tmp_path):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(TLError, match="Unknown resize mode 'stretch'"):
+    with pytest.raises(
+        TLError,
+        match=r"^The 'resize' parameter must be one of 'squash', 'center-crop', "
+        r"'pad'\. Got 'stretch' instead\.$",
+    ):
         ImageSettings((8, 8), resize="stretch")
-    with pytest.raises(TLError, match="Unknown interpolation"):
+    with pytest.raises(TLError, match=r"'interpolation' .* Got 'cubic' instead"):
         ImageSettings((8, 8), interpolation="cubic")
+    for size in ("8y8", (8, 0), 0, (1, 2, 3)):
+        with pytest.raises(TLError, match=r"'image_size' parameter must be N or HxW"):
+            ImageSettings(size)

@@ -18,6 +18,8 @@ mute_tensorflow_start_up()
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "BackboneSettings": "tl.backbones",
+    "ImageSettings": "tl.images",
     "ExtractionSettings": "tl.features",
     "extract": "tl.features",
     "resume": "tl.features",

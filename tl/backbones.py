@@ -15,14 +15,21 @@ import dataclasses
 import difflib
 import hashlib
 import math
+import random
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import keras
 import numpy as np
 
+from tl._checks import check_choice
+from tl._keras_compat import inbound_layer_names, recorded_downloads, weights_cache
+from tl._settings import FlatSettings
+from tl.engines import PRECISIONS
 from tl.errors import TLError, known_names
 from tl.precision import compute_policy
 
@@ -176,7 +183,52 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 # ---------------------------------------------------------------------------------
-# Weights
+# Settings and weights
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSettings(FlatSettings):
+    """Which network computes, and how: part of every extraction and fine-tuning.
+
+    Stored flat beside the other settings (`backbone`, `weights`, `precision`,
+    `seed`); a field added here is stored, read back, offered as an override and
+    part of the codes' identity (`tl.provenance`) without being listed elsewhere.
+
+    Attributes:
+        name: registry name (`tl.list_backbones()`), normalised (`ResNet-50` →
+            `resnet50`).
+        weights: `imagenet`, `none` (random) or a weights file, made absolute.
+        precision: compute precision (`float32`, `bfloat16`, `float16`; `int8` for
+            extraction with the openvino engine, see `tl.engines`).
+        seed: random initialisation seed (`weights=none`).
+    """
+
+    name: str
+    weights: str = "imagenet"
+    precision: str = "float32"
+    seed: int = 0
+
+    JSON_NAMES: ClassVar[dict[str, str]] = {"name": "backbone"}
+
+    def __post_init__(self):
+        object.__setattr__(self, "name", get_backbone(self.name).name)
+        object.__setattr__(self, "weights", normalize_weights(self.weights))
+        check_choice("precision", self.precision, PRECISIONS)  # any engine's
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return get_backbone(self.name)
+
+    def build(self, image_size: tuple[int, int]) -> tuple[keras.Model, WeightsInfo]:
+        """The backbone these settings name, built at `image_size` (see
+        `build_backbone`)."""
+        return build_backbone(
+            self.spec,
+            image_size,
+            self.weights,
+            precision=self.precision,
+            seed=self.seed,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,38 +257,10 @@ def sha256_of_file(path: str | Path, block_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _recorded_downloads() -> Iterator[list[dict]]:
-    """Record the calls `keras.applications` makes to Keras' `get_file`.
-
-    Yields a list that receives `{fname, origin, path}` for each call, so tl can hash
-    the cached ImageNet file and, when the download fails, tell the user which file
-    to fetch by hand.
-    """
-    from keras.src.utils import file_utils
-
-    calls: list[dict] = []
-    original = file_utils.get_file
-
-    def recording_get_file(fname=None, origin=None, *args, **kwargs):
-        call = {"fname": fname, "origin": origin, "path": None}
-        calls.append(call)
-        call["path"] = original(fname, origin, *args, **kwargs)
-        return call["path"]
-
-    file_utils.get_file = recording_get_file
-    try:
-        yield calls
-    finally:
-        file_utils.get_file = original
-
-
 def _offline_message(spec: BackboneSpec, calls: list[dict], error: Exception) -> str:
     fname = calls[-1]["fname"] if calls else f"the {spec.name} no-top weights file"
     origin = calls[-1]["origin"] if calls else "the Keras applications URL"
-    from keras.src.backend.config import keras_home
-
-    cache = Path(keras_home()) / "models"
+    cache = weights_cache()
     return (
         f"Could not download the ImageNet weights of {spec.name} ({error}). "
         f"This machine may have no internet access. On a machine that has, fetch "
@@ -262,6 +286,45 @@ def normalize_weights(weights: str | Path | None) -> str:
     return str(path.resolve())
 
 
+_PYTHON_RANDOM = ("random", "randint", "randrange", "getrandbits", "uniform")
+_python_random_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded_python_random(seed: int) -> Iterator[None]:
+    """Python's module-level random functions give this thread the numbers of a
+    generator of its own, seeded with `seed`, for the duration; other threads keep
+    the shared one.
+
+    Keras draws the seed of each weight initializer from Python's shared generator
+    (`random.randint`) as it makes each layer, so a thread that draws numbers
+    meanwhile (the event loop of a Dask worker or client) would change random
+    weights that `seed` must fix. Seeded the same way, the numbers are those the
+    shared generator gives after `random.seed(seed)` in a process of one thread.
+    """
+    own = random.Random(seed)
+    builder = threading.get_ident()
+    with _python_random_lock:  # builds one at a time: no nested replacements
+        shared = {name: getattr(random, name) for name in _PYTHON_RANDOM}
+
+        def dispatch(name: str) -> Callable:
+            mine, theirs = getattr(own, name), shared[name]
+
+            def draw(*args, **kwargs):
+                chosen = mine if threading.get_ident() == builder else theirs
+                return chosen(*args, **kwargs)
+
+            return draw
+
+        for name in _PYTHON_RANDOM:
+            setattr(random, name, dispatch(name))
+        try:
+            yield
+        finally:
+            for name, function in shared.items():
+                setattr(random, name, function)
+
+
 def build_backbone(
     spec: BackboneSpec,
     image_size: tuple[int, int],
@@ -277,13 +340,15 @@ def build_backbone(
         image_size: input (height, width).
         weights: `imagenet` (Keras' download and cache), a path to a weights file of
             the same architecture without top, or `none`/None for random weights.
-        precision: compute precision (`float32`, `bfloat16`, `float16`).
+        precision: compute precision (`float32`, `bfloat16`, `float16`; `int8` for
+            extraction with the openvino engine, see `tl.engines`).
         seed: seed of the random initialisation, so that `weights=none` models are
             the same in every process (a resumed extraction must see the same net).
 
     Keras' session state is cleared first: auto-generated layer names
     (`activation_12`) then do not depend on what the process built before, so the
-    layer names stored with codes always denote the same layers.
+    layer names stored with codes always denote the same layers. Random weights do
+    not depend on other threads either (see `_seeded_python_random`).
 
     Returns:
         The Keras model (outputs the last feature map) and a record of its weights.
@@ -297,8 +362,9 @@ def build_backbone(
     keras.utils.set_random_seed(seed)
     keras_weights = None if weights == "none" else weights
     with (
+        _seeded_python_random(seed),
         compute_policy(precision),
-        _recorded_downloads() as calls,
+        recorded_downloads() as calls,
         warnings.catch_warnings(),
     ):
         # A mismatched file raises after Keras warns once per layer; the error says it.
@@ -404,11 +470,9 @@ def _cut_points(layers: list) -> set[str]:
     position = {layer.name: i for i, layer in enumerate(layers)}
     last_consumer = dict.fromkeys(position, -1)
     for layer in layers:
-        for node in layer._inbound_nodes:
-            for parent in node.parent_nodes:
-                name = parent.operation.name
-                if name in last_consumer:
-                    last_consumer[name] = max(last_consumer[name], position[layer.name])
+        for name in inbound_layer_names(layer):
+            if name in last_consumer:
+                last_consumer[name] = max(last_consumer[name], position[layer.name])
     cuts, reach = set(), -1
     for i, layer in enumerate(layers):
         if reach <= i:
@@ -423,10 +487,9 @@ _PLUMBING = (keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
 def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
     """Every layer of `model` as a `Tap`, in topological order, aliases attached.
 
-    Aliases: the family's own (`block1`..`block5` for VGG, `conv1`..`conv5` for
-    ResNets), `stage1`..`stageN` (at each output stride, the last layer that all of
-    the network's paths go through, as timm's feature_info), and `last`/`penultimate`
-    (the final feature map, which global pooling turns into the classic CNN codes).
+    Aliases are those of `ALIASES`: the family's own (`block1`..`block5` for VGG,
+    `conv1`..`conv5` for ResNets), `stage1`..`stageN` (as timm's feature_info) and
+    `last`.
     """
     input_side = model.input_shape[1]
     layers = [
@@ -453,8 +516,7 @@ def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
             stage_last[stride] = layer.name
     for number, stride in enumerate(sorted(stage_last), start=1):
         aliases[f"stage{number}"] = stage_last[stride]
-    final = model.outputs[0]._keras_history.operation.name
-    aliases["penultimate"] = aliases["last"] = final
+    aliases["last"] = layers[-1].name  # the output: layers are in topological order
 
     by_layer: dict[str, list[str]] = {}
     for alias, layer_name in aliases.items():
@@ -470,6 +532,21 @@ def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
         )
         for depth, name in enumerate(names)
     ]
+
+
+ALIASES = (
+    ("block1..block5", "VGG: the pooling layer that ends each block"),
+    ("conv1..conv5", "ResNets: the output of each stage"),
+    (
+        "stage1..stageN",
+        "every backbone: at each output stride, the last layer that all of the "
+        "network's paths go through",
+    ),
+    (
+        "last",
+        "the final feature map, before global pooling (pooled: the classic CNN codes)",
+    ),
+)
 
 
 def resolve_layers(taps: list[Tap], requested: list[str], backbone: str) -> list[Tap]:
@@ -515,13 +592,13 @@ def describe_backbones() -> str:
     return "\n".join(lines)
 
 
-def describe_layers(name: str, image_size: tuple[int, int] | None = None) -> str:
+def describe_layers(name: str, image_size: tuple[int, int]) -> str:
     """Aliases, then every layer with its output shape and stride, for `--list-layers`.
 
     Builds the model with random weights (nothing is downloaded).
     """
     spec = get_backbone(name)
-    size = image_size or (spec.default_size, spec.default_size)
+    size = image_size
     model, _ = build_backbone(spec, size, "none")
     taps = layer_taps(model, spec)
     rows = [
@@ -539,6 +616,8 @@ def describe_layers(name: str, image_size: tuple[int, int] | None = None) -> str
 
     return "\n".join(
         [
+            *(f"{alias:<15} {meaning}" for alias, meaning in ALIASES),
+            "",
             f"{spec.name} at {size[0]}x{size[1]}: aliases",
             *table(alias_rows),
             "",

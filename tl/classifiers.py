@@ -2,16 +2,22 @@
 
 A pipeline is `normalize → pca → classifier` (steps named so; unused steps are
 "passthrough"). `CLASSIFIERS` holds what differs between classifiers (estimator,
-hyper-parameter grid, whether it is linear). A saved model is a folder:
+hyper-parameter grid, whether it is linear). A saved model is a folder of data, never
+code:
 
-    model.joblib     the fitted scikit-learn Pipeline
+    model.skops      skops.io file of {"pipeline": the fitted Pipeline, "class_names",
+                     "layer", "layer_info"}: no pickle, so loading runs no code
     metadata.json    format, schema_version, layer (store dataset key), layer_info,
                      classifier, params, normalization, pca, class_names, extraction
                      (the store's settings: what determines the codes), provenance,
-                     versions (tl, scikit-learn, numpy, joblib, ...), scores, created
+                     versions (tl, scikit-learn, numpy, skops, ...), scores, created,
+                     files (the SHA-256 of model.skops)
 
-`load_classifier` refuses a model saved with another scikit-learn version, and
-`SavedClassifier.check_codes` a store whose codes were made differently.
+`load_classifier` checks metadata.json and the file's SHA-256 first, builds only the
+types of `TRUSTED_TYPES`, and refuses a folder whose metadata.json names other classes
+or another layer than the model file (never relabelling predictions), one saved with
+another scikit-learn version, or an old one holding a pickle (model.joblib).
+`SavedClassifier.check_codes` refuses a store whose codes were made differently.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-import joblib
 import numpy as np
 import sklearn
+import skops
+import skops.io
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.decomposition import PCA
+from sklearn.decomposition import PCA, IncrementalPCA
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
@@ -35,13 +42,25 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-import tl
-from tl.engines import ENGINE_SETTINGS, LEGACY_SETTINGS
+from tl._checks import check_choice
 from tl.errors import TLError
+from tl.model_folder import (
+    METADATA,
+    check_files,
+    check_schema,
+    check_unedited,
+    file_hashes,
+    read_metadata,
+    require_keys,
+    unreadable,
+)
+from tl.provenance import identity_differences, layer_identity, library_versions
 
 MODEL_FORMAT = "tl-classifier"
-MODEL_SCHEMA_VERSION = 1
+MODEL_SCHEMA_VERSION = 2  # 1: a pickle (model.joblib), no longer loaded
+MODEL_FILE = "model.skops"
 NORMALIZATIONS = ("standard", "l2", "none")
+CLASS_WEIGHTS = (None, "balanced")
 
 
 class RelativeGammaSVC(ClassifierMixin, BaseEstimator):
@@ -195,12 +214,9 @@ def as_features(codes: np.ndarray) -> np.ndarray:
     return np.asarray(codes, np.float64).reshape(len(codes), -1)
 
 
-def get_classifier(name: str) -> ClassifierSpec:
-    if name not in CLASSIFIERS:
-        raise TLError(
-            f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}."
-        )
-    return CLASSIFIERS[name]
+def get_classifier(name: str, parameter: str = "classifier") -> ClassifierSpec:
+    """The registered classifier `name` (`parameter` names it in the error)."""
+    return CLASSIFIERS[check_choice(parameter, name, CLASSIFIERS)]
 
 
 def make_pipeline(
@@ -222,13 +238,8 @@ def make_pipeline(
         seed: random state of the estimators that have one.
     """
     spec = get_classifier(classifier)
-    if normalization not in NORMALIZATIONS:
-        raise TLError(
-            f"Unknown normalization {normalization!r}; choose from "
-            f"{', '.join(NORMALIZATIONS)}."
-        )
-    if class_weight not in (None, "balanced"):
-        raise TLError(f"class_weight must be None or 'balanced', got {class_weight!r}.")
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("class_weight", class_weight, CLASS_WEIGHTS)
     normalizer = {
         "standard": StandardScaler(),
         "l2": Normalizer(),
@@ -252,48 +263,6 @@ def param_grid(classifier: str) -> dict[str, list]:
 # Saved models
 
 
-def library_versions() -> dict[str, str]:
-    import h5py
-    import keras
-    import tensorflow as tf
-
-    return {
-        "tl": tl.__version__,
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "joblib": joblib.__version__,
-        "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-        "h5py": h5py.__version__,
-    }
-
-
-# Settings that change the codes of one layer (besides its own layer and pooling).
-_CODE_SETTINGS = (
-    "backbone",
-    "weights",
-    "weights_sha256",
-    "seed",
-    "image_size",
-    "resize",
-    "interpolation",
-    "antialias",
-    "precision",
-    *ENGINE_SETTINGS,
-)
-
-
-def codes_identity(settings: dict, layer_info: dict) -> dict:
-    """What determines the codes of one layer of a store: compare these to match."""
-    settings = {**LEGACY_SETTINGS, **settings}
-    identity = {key: settings.get(key) for key in _CODE_SETTINGS}
-    if settings.get("weights") != "none":
-        identity.pop("seed")  # the seed only matters for random weights
-    identity["layer"] = layer_info["layer"]
-    identity["pooling"] = layer_info["pooling"]
-    return identity
-
-
 @dataclasses.dataclass
 class SavedClassifier:
     """A fitted pipeline with the provenance of the codes it was trained on."""
@@ -315,7 +284,8 @@ class SavedClassifier:
 
     @property
     def identity(self) -> dict:
-        return codes_identity(self.metadata["extraction"], self.layer_info)
+        """What the codes it classifies must match (`tl.provenance.layer_identity`)."""
+        return layer_identity(self.metadata["extraction"], self.layer_info)
 
     def check_codes(self, store) -> None:
         """Refuse a `FeatureStore` whose codes for this layer were made differently."""
@@ -325,12 +295,11 @@ class SavedClassifier:
                 f"{str(store.path)!r} has no layer {self.layer!r} (it has "
                 f"{', '.join(infos)}); the model was trained on that layer."
             )
-        theirs = codes_identity(store.settings, infos[self.layer])
-        differences = [
-            f"{key}: model has {value!r}, store has {theirs.get(key)!r}"
-            for key, value in self.identity.items()
-            if theirs.get(key) != value
-        ]
+        differences = identity_differences(
+            self.identity,
+            layer_identity(store.settings, infos[self.layer]),
+            names=("model has", "store has"),
+        )
         if differences:
             raise TLError(
                 f"The codes in {str(store.path)!r} were made differently from those "
@@ -353,6 +322,39 @@ class SavedClassifier:
         return values, "decision"
 
 
+def _type_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+# Every estimator type a saved pipeline holds: its steps (each registry classifier,
+# the normalisers, PCA, IncrementalPCA) and the SVC inside RelativeGammaSVC. Loading
+# builds these and what skops trusts itself (builtins, numpy arrays, dtypes and
+# scalars, scikit-learn estimators), refuses any other type, and refuses a pipeline
+# step of a type not listed here.
+TRUSTED_TYPES: tuple[str, ...] = tuple(
+    sorted(
+        {
+            _type_name(kind)
+            for kind in (
+                Pipeline,
+                StandardScaler,
+                Normalizer,
+                PCA,
+                IncrementalPCA,
+                SVC,
+                *(type(spec.build(None, 0)) for spec in CLASSIFIERS.values()),
+            )
+        }
+    )
+)
+# What the model file holds besides the pipeline: copies of what metadata.json says
+# the pipeline's outputs and inputs are, so that an edit cannot relabel predictions.
+_CHECKED_KEYS = ("class_names", "layer", "layer_info")
+_REQUIRED_KEYS = (*_CHECKED_KEYS, "classifier", "normalization", "pca", "extraction",
+                  "versions", "files")  # fmt: skip
+_REMEDY = "retrain with train_classifier.py (model folders must come from it)"
+
+
 def save_classifier(
     directory: str | Path,
     pipeline: Pipeline,
@@ -364,8 +366,13 @@ def save_classifier(
     normalization: str,
     pca: int | None,
     scores: dict | None = None,
+    class_names: list[str] | None = None,
 ) -> Path:
-    """Save a fitted pipeline trained on `layer` of the `FeatureStore` `store`."""
+    """Save a fitted pipeline trained on `layer` of the `FeatureStore` `store`.
+
+    `class_names` names the pipeline's classes 0, 1, ...: by default the store's
+    (a pipeline trained on relabelled rows gives its own).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layer_info = next(info for info in store.layer_info if info["key"] == layer)
@@ -378,7 +385,7 @@ def save_classifier(
         "params": params,
         "normalization": normalization,
         "pca": pca,
-        "class_names": store.class_names,
+        "class_names": list(store.class_names if class_names is None else class_names),
         "extraction": store.settings,
         "provenance": store.provenance,
         "store": str(Path(store.path).resolve()),
@@ -386,39 +393,94 @@ def save_classifier(
         "scores": scores or {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    joblib.dump(pipeline, directory / "model.joblib")
-    (directory / "metadata.json").write_text(
-        json.dumps(metadata, indent=2, default=str)
-    )
+    metadata = json.loads(json.dumps(metadata, default=str))  # as it will read back
+    content = {key: metadata[key] for key in _CHECKED_KEYS}
+    skops.io.dump({"pipeline": pipeline, **content}, directory / MODEL_FILE)
+    metadata["files"] = file_hashes(directory, [MODEL_FILE])
+    (directory / METADATA).write_text(json.dumps(metadata, indent=2))
     return directory
 
 
 def load_classifier(directory: str | Path) -> SavedClassifier:
-    """Load a saved model, refusing one from another scikit-learn version."""
+    """Load a model saved by `save_classifier`, trusting nothing in its folder.
+
+    metadata.json and the SHA-256 of model.skops are checked before the model file
+    is read; it is read with skops, building only trusted types (no pickle, so no
+    code runs); its class names and layer must be those of metadata.json.
+
+    Raises:
+        TLError: in one line, for a folder that is not a tl classifier, is damaged
+            or edited, holds an older tl's pickle (model.joblib) or untrusted types,
+            or was saved with another scikit-learn version.
+    """
     directory = Path(directory)
-    meta_path = directory / "metadata.json"
+    meta_path = directory / METADATA
     if not meta_path.is_file():
         raise TLError(
             f"{str(directory)!r} is not a saved tl model (no metadata.json); give the "
             f"folder train_classifier.py wrote (e.g. results/<name>/best_model)."
         )
-    metadata = json.loads(meta_path.read_text())
+    metadata = read_metadata(directory, _REMEDY)
     if metadata.get("format") != MODEL_FORMAT:
         raise TLError(f"{str(meta_path)!r} does not describe a tl classifier.")
-    if metadata["schema_version"] > MODEL_SCHEMA_VERSION:
+    if check_schema(metadata, directory, MODEL_SCHEMA_VERSION, _REMEDY) < 2:
         raise TLError(
-            f"{str(directory)!r} was saved by a newer tl (schema "
-            f"{metadata['schema_version']}); upgrade tl."
+            f"{str(directory)!r} was saved by an older tl as a pickle (model.joblib), "
+            f"which can run any code when loaded; tl no longer loads pickles: "
+            f"retrain with train_classifier.py."
         )
-    saved = metadata["versions"]["scikit-learn"]
+    require_keys(metadata, _REQUIRED_KEYS, directory, _REMEDY)
+    versions = metadata["versions"] if isinstance(metadata["versions"], dict) else {}
+    saved = str(versions.get("scikit-learn"))
     if saved.split(".")[:2] != sklearn.__version__.split(".")[:2]:
         raise TLError(
             f"{str(directory)!r} was saved with scikit-learn {saved}, this is "
-            f"{sklearn.__version__}; pickled models are not portable across versions. "
-            f"Install scikit-learn=={saved} or retrain with train_classifier.py."
+            f"{sklearn.__version__}; fitted estimators are not portable across "
+            f"versions. Install scikit-learn=={saved} or retrain with "
+            f"train_classifier.py."
         )
-    pipeline = joblib.load(directory / "model.joblib")
-    return SavedClassifier(pipeline, metadata)
+    check_files(metadata, directory, (MODEL_FILE,), _REMEDY)
+    content = _read_model_file(directory / MODEL_FILE)
+    for key in _CHECKED_KEYS:
+        check_unedited(metadata, key, content[key], directory, MODEL_FILE, _REMEDY)
+    return SavedClassifier(content["pipeline"], metadata)
+
+
+def _read_model_file(path: Path) -> dict:
+    """The dict `save_classifier` dumped, built from trusted types only."""
+    try:
+        untrusted = set(skops.io.get_untrusted_types(file=path)) - set(TRUSTED_TYPES)
+    except Exception as error:  # skops fails in many ways on a file it did not write
+        raise unreadable(path, error, _REMEDY) from None
+    if untrusted:
+        raise TLError(
+            f"{str(path)!r} contains types tl does not trust: "
+            f"{', '.join(sorted(untrusted))}; {_REMEDY}."
+        )
+    try:
+        content = skops.io.load(path, trusted=list(TRUSTED_TYPES))
+    except Exception as error:
+        raise unreadable(path, error, _REMEDY) from None
+    pipeline = content.get("pipeline") if isinstance(content, dict) else None
+    steps = getattr(pipeline, "steps", None)
+    if (
+        not isinstance(pipeline, Pipeline)
+        or set(content) != {"pipeline", *_CHECKED_KEYS}
+        or not isinstance(steps, list)
+        or not all(isinstance(step, tuple) and len(step) == 2 for step in steps)
+    ):
+        raise TLError(f"{str(path)!r} does not hold a tl pipeline; {_REMEDY}.")
+    steps = {
+        _type_name(type(step))
+        for _, step in steps
+        if not (isinstance(step, str) and step == "passthrough")
+    }
+    if steps - set(TRUSTED_TYPES):
+        raise TLError(
+            f"{str(path)!r} holds pipeline steps tl does not trust: "
+            f"{', '.join(sorted(steps - set(TRUSTED_TYPES)))}; {_REMEDY}."
+        )
+    return content
 
 
 def check_labels(labels: np.ndarray) -> np.ndarray:

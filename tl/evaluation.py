@@ -10,7 +10,9 @@ refits, and scores the result on rows that played no part in any choice:
 - `cv`: nested cross-validation. Each outer fold repeats the whole selection (every
   layer, classifier and hyper-parameter) on its training part and scores the selected
   model on its held-out part; the mean ± std of those scores estimates the procedure.
+  The final model is chosen by that same rule on all rows, then refit on all rows.
 
+Every protocol chooses by the best mean CV accuracy, ties broken by the lower std.
 A low-shot mode trains on `shots` examples per class (several seeds, default
 hyper-parameters: too few rows for CV) and scores on the test split.
 Data problems (empty store, one class, tiny classes, non-finite codes) raise a
@@ -19,33 +21,41 @@ Data problems (empty store, one class, tiny classes, non-finite codes) raise a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.base import clone
+from sklearn.decomposition import IncrementalPCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.preprocessing import Normalizer
 from tqdm.auto import tqdm
 
+from tl._checks import ParameterError, check_choice, check_interval
+from tl._settings import FlatSettings
 from tl.classifiers import (
+    CLASS_WEIGHTS,
     CLASSIFIERS,
     NORMALIZATIONS,
     as_features,
-    codes_identity,
     get_classifier,
     make_pipeline,
     param_grid,
 )
 from tl.errors import TLError
+from tl.provenance import identity_differences, layer_identity
 from tl.reports import METRICS, classification_metrics, metric_rows
 from tl.store import FeatureStore
+
+if TYPE_CHECKING:  # only with the dask extra
+    from distributed import Client
 
 log = logging.getLogger("tl")
 PROTOCOLS = ("holdout", "cv")
@@ -53,7 +63,7 @@ OUT_OF_CORE = ("auto", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
-class ComparisonSettings:
+class ComparisonSettings(FlatSettings):
     """How `compare` trains and evaluates.
 
     Attributes:
@@ -61,7 +71,7 @@ class ComparisonSettings:
         layers: store layers to compare (None: all, in store order).
         normalization: `standard`, `l2` or `none`.
         pca: keep this many principal components (None: no PCA).
-        class_weight: None or `balanced`.
+        class_weight: None or `balanced` (`none` is read as None).
         folds: k of the stratified k-fold CV (reduced, with a note, when a class
             has fewer training rows).
         protocol: `holdout` or `cv` (nested CV), see the module docstring.
@@ -96,35 +106,35 @@ class ComparisonSettings:
     drop_nonfinite: bool = False
 
     def __post_init__(self):
-        for name in self.classifiers:
-            get_classifier(name)
+        def set_(name, value):
+            object.__setattr__(self, name, value)
+
+        set_("classifiers", _names(self.classifiers))
+        set_("layers", None if self.layers is None else _names(self.layers))
+        set_("shots", tuple(self.shots))
+        if self.class_weight == "none":  # as the command line spells it
+            set_("class_weight", None)
         if not self.classifiers:
-            raise TLError(
-                f"No classifiers given; choose from {', '.join(CLASSIFIERS)}."
+            raise ParameterError(
+                "classifiers", f"some of {', '.join(CLASSIFIERS)}", self.classifiers
             )
-        if self.normalization not in NORMALIZATIONS:
-            raise TLError(
-                f"Unknown normalization {self.normalization!r}; choose from "
-                f"{', '.join(NORMALIZATIONS)}."
-            )
-        if self.protocol not in PROTOCOLS:
-            raise TLError(
-                f"Unknown protocol {self.protocol!r}; choose from "
-                f"{', '.join(PROTOCOLS)}."
-            )
-        if self.folds < 2:
-            raise TLError(f"Cross-validation needs at least 2 folds, got {self.folds}.")
-        if not 0 < self.test_size < 1:
-            raise TLError(f"test_size must be between 0 and 1, got {self.test_size}.")
+        for name in self.classifiers:
+            get_classifier(name, "classifiers")
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
+        check_choice("protocol", self.protocol, PROTOCOLS)
+        check_interval("folds", self.folds, low=2, integer=True)
+        check_interval("test_size", self.test_size, low=0, high=1, closed="neither")
         if self.shots and self.protocol != "holdout":
             raise TLError("Low-shot curves (shots) need the holdout protocol.")
-        if any(s < 1 for s in self.shots):
-            raise TLError(f"shots must be positive, got {list(self.shots)}.")
-        if self.out_of_core not in OUT_OF_CORE:
-            raise TLError(
-                f"out_of_core must be one of {', '.join(OUT_OF_CORE)}, got "
-                f"{self.out_of_core!r}."
-            )
+        for shots in self.shots:
+            check_interval("shots", shots, low=1, integer=True)
+        check_choice("out_of_core", self.out_of_core, OUT_OF_CORE)
+
+
+def _names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """One name or several, as a tuple."""
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 @dataclasses.dataclass
@@ -161,6 +171,8 @@ class ComparisonResult:
         winner_estimate: the winner's unbiased score: its test metrics (holdout) or
             the nested-CV mean/std of the selection procedure (cv).
         selections: nested CV only: the candidate each outer fold selected.
+        final_selection: nested CV only: how the final model was chosen, by the
+            outer folds' rule on all rows (layer, classifier, params, inner CV).
         confusion: confusion matrix of the winner on the test rows (holdout) or
             pooled over outer folds of the selected models (cv).
         adjustments: what was changed or dropped, and why.
@@ -178,6 +190,7 @@ class ComparisonResult:
     adjustments: list[str]
     split: dict
     selections: list[dict] = dataclasses.field(default_factory=list)
+    final_selection: dict = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------
@@ -196,6 +209,26 @@ class _Data:
     test_labels: np.ndarray | None
     folds: int
     adjustments: list[str]
+    client: object = None  # a Dask client: CV fits run on its workers
+
+    def search_codes(self, layer: str, positions: np.ndarray, X=None):
+        """The codes a CV search runs on: rows `positions` of `self.rows`, taken
+        from `X` (the layer's codes of `self.rows`) or read from the store; on a Dask
+        client, rows that the workers read from the store themselves."""
+        if self.client is not None:
+            from tl.distributed import StoreRows
+
+            return StoreRows(self.store, layer, self.rows[positions])
+        if X is None:
+            return as_features(self.store.read(layer, self.rows[positions]))
+        return X[positions]
+
+
+def _note(adjustments: list[str], text: str) -> None:
+    """Record an adjustment made while training and log it at once (it also goes
+    into run.json). The data checks' notes are logged once all checks passed."""
+    adjustments.append(text)
+    log.warning("note: %s", text)
 
 
 def _class_counts(labels: np.ndarray, names: list[str]) -> str:
@@ -220,13 +253,58 @@ def _check_labels(store: FeatureStore, what: str) -> np.ndarray:
     return labels
 
 
-def _nonfinite_rows(store: FeatureStore, layers: list[str]) -> np.ndarray:
-    """Rows whose codes contain NaN or inf in any compared layer (read by chunks)."""
-    bad = np.zeros(len(store), bool)
+def _nonfinite_rows(store: FeatureStore, layers: list[str]) -> dict[str, np.ndarray]:
+    """Per compared layer, a mask of the rows whose codes hold NaN or inf (read by
+    chunks)."""
+    masks = {}
     for layer in layers:
+        bad = masks[layer] = np.zeros(len(store), bool)
         for rows, codes in store.iter_rows(layer):
             bad[rows] |= ~np.isfinite(codes.reshape(len(codes), -1)).all(axis=1)
-    return np.flatnonzero(bad)
+    return masks
+
+
+def _drop_nonfinite(
+    store: FeatureStore,
+    layers: list[str],
+    settings: ComparisonSettings,
+    adjustments: list[str],
+) -> np.ndarray:
+    """The rows to use: all, or (drop_nonfinite) those with finite codes in every
+    compared layer. Refuses, in one line, non-finite codes that cannot be dropped."""
+    masks = _nonfinite_rows(store, layers)
+    hopeless = [layer for layer, bad in masks.items() if bad.all()]
+    if hopeless:
+        others = [layer for layer in layers if layer not in hopeless]
+        advice = (
+            f"leave them out with --layers {' '.join(others)}, or " if others else ""
+        )
+        raise TLError(
+            f"Every row of {str(store.path)!r} has NaN or infinite codes in layer(s) "
+            f"{', '.join(hopeless)}; {advice}re-extract (a float16 --dtype can "
+            f"overflow)."
+        )
+    bad = np.flatnonzero(np.logical_or.reduce(list(masks.values())))
+    if not len(bad):
+        return np.arange(len(store))
+    paths = [store.paths[i] for i in bad[:5]]
+    if not settings.drop_nonfinite:
+        raise TLError(
+            f"{len(bad)} rows of {str(store.path)!r} have NaN or infinite codes "
+            f"(e.g. {', '.join(paths)}). Pass --drop-nonfinite to leave them out, "
+            f"or re-extract (a float16 --dtype can overflow)."
+        )
+    if len(bad) == len(store):
+        raise TLError(
+            f"Every row of {str(store.path)!r} has NaN or infinite codes in one of "
+            f"the layers {', '.join(layers)}, so --drop-nonfinite leaves nothing; "
+            f"compare the layers one at a time with --layers, or re-extract."
+        )
+    adjustments.append(
+        f"dropped {len(bad)} rows with NaN/inf codes: {', '.join(paths)}"
+        + (" ..." if len(bad) > 5 else ""),
+    )
+    return np.setdiff1d(np.arange(len(store)), bad)
 
 
 def _prepare(
@@ -237,33 +315,26 @@ def _prepare(
 ) -> _Data:
     adjustments: list[str] = []
     labels = _check_labels(store, "Feature store")
-    rows = np.arange(len(store))
     names = store.class_names
+    rows = _drop_nonfinite(store, layers, settings, adjustments)
+    dropped = len(store) - len(rows)
     for number, name in enumerate(names):
-        if not (labels == number).any():
-            adjustments.append(f"class {name!r} has no images; it is left out")
-
-    bad = _nonfinite_rows(store, layers)
-    if len(bad):
-        paths = [store.paths[i] for i in bad[:5]]
-        if not settings.drop_nonfinite:
-            raise TLError(
-                f"{len(bad)} rows of {str(store.path)!r} have NaN or infinite codes "
-                f"(e.g. {', '.join(paths)}). Pass --drop-nonfinite to leave them out, "
-                f"or re-extract (a float16 --dtype can overflow)."
+        if not (labels[rows] == number).any():
+            reason = (
+                "rows left after dropping non-finite codes"
+                if (labels == number).any()
+                else "images"
             )
-        adjustments.append(
-            f"dropped {len(bad)} rows with NaN/inf codes: {', '.join(paths)}"
-            + (" ..." if len(bad) > 5 else "")
-        )
-        rows = np.setdiff1d(rows, bad)
-        labels = labels[rows]
+            adjustments.append(f"class {name!r} has no {reason}; it is left out")
+    labels = labels[rows]
 
     present, counts = np.unique(labels, return_counts=True)
     if len(present) < 2:
         raise TLError(
             f"Classification needs at least two classes; {str(store.path)!r} has "
-            f"only {names[present[0]]!r} ({counts[0]} images)."
+            f"only {names[present[0]]!r} ({counts[0]} images)"
+            + (f" after dropping {dropped} rows with NaN/inf codes" if dropped else "")
+            + "."
         )
     test_rows = test_labels = None
     if test_store is not None:
@@ -313,13 +384,14 @@ def _check_same_codes(store: FeatureStore, test_store: FeatureStore, layers) -> 
     for layer in layers:
         if layer not in theirs:
             raise TLError(f"The test store has no layer {layer!r}.")
-        a = codes_identity(store.settings, ours[layer])
-        b = codes_identity(test_store.settings, theirs[layer])
-        if a != b:
-            diff = [f"{k}: {a[k]!r} vs {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+        differences = identity_differences(
+            layer_identity(store.settings, ours[layer]),
+            layer_identity(test_store.settings, theirs[layer]),
+        )
+        if differences:
             raise TLError(
                 f"Layer {layer!r} was extracted differently in the test store: "
-                f"{'; '.join(diff)}."
+                f"{'; '.join(differences)}."
             )
 
 
@@ -361,8 +433,11 @@ def _pipeline(
     )
 
 
-def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> _Search:
-    """Grid search by stratified k-fold CV: best parameters and their fold scores."""
+def _search(
+    classifier: str, X, y, folds: int, settings: ComparisonSettings, client=None
+) -> _Search:
+    """Grid search by stratified k-fold CV: best parameters and their fold scores
+    (the fits run on the workers of a Dask `client` if one is given)."""
     if settings.pca and settings.pca > min(X.shape[1], len(X) - len(X) // folds):
         raise TLError(
             f"--pca {settings.pca} is more than the codes allow: {X.shape[1]} "
@@ -378,7 +453,7 @@ def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> 
         refit=False,
         error_score="raise",
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _parallel_backend(client):
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(X, y)
     best = search.best_index_
@@ -387,6 +462,21 @@ def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> 
         {k.removeprefix("classifier__"): v for k, v in results["params"][best].items()},
         [float(results[f"split{k}_test_score"][best]) for k in range(folds)],
     )
+
+
+def _parallel_backend(client):
+    if client is None:
+        return contextlib.nullcontext()
+    from tl.distributed import search_backend
+
+    return search_backend(client)
+
+
+def _selection_key(fold_scores: list[float]) -> tuple[float, float]:
+    """The rule that chooses among candidates, in every protocol: the best mean CV
+    accuracy, ties broken by the lower standard deviation (then by layer ×
+    classifier order)."""
+    return float(np.mean(fold_scores)), -float(np.std(fold_scores))
 
 
 def _fit(classifier: str, params: dict, X, y, settings) -> tuple[Pipeline, float]:
@@ -410,40 +500,65 @@ def _fit_out_of_core(
     settings: ComparisonSettings,
     epochs: int = 5,
 ) -> tuple[Pipeline, float]:
-    """Standardise then SGD, both by `partial_fit` over chunks of the store."""
+    """The settings' pipeline with SGD, fitted by passes over chunks of the store.
+
+    One pass fits the normalisation (`StandardScaler.partial_fit`; the l2
+    `Normalizer` is stateless), one more fits PCA as `IncrementalPCA`, then SGD runs
+    `epochs` passes, so the pipeline has every step the settings name.
+    """
     began = time.perf_counter()
     label_of_row = np.zeros(len(store), np.int64)
     label_of_row[train_rows] = y_train
     classes = np.unique(y_train)
-    model = clone(CLASSIFIERS["sgd"].build(settings.class_weight, settings.seed))
-    model.set_params(**params)
+    pipeline = _pipeline("sgd", settings, params)
+    if settings.pca:
+        pipeline.set_params(pca=IncrementalPCA(n_components=settings.pca))
+    model = pipeline.named_steps["classifier"]
     if settings.class_weight == "balanced":  # partial_fit needs explicit weights
         counts = np.bincount(y_train, minlength=classes.max() + 1)[classes]
         weights = len(y_train) / (len(classes) * counts)
         model.set_params(class_weight=dict(zip(classes.tolist(), weights, strict=True)))
+    fitted: list = []  # the transforming steps fitted so far
 
     def train_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for rows, codes in store.iter_rows(layer, train_rows):
-            yield as_features(codes), label_of_row[rows]
+            X = as_features(codes)
+            for step in fitted:
+                X = step.transform(X)
+            yield X, label_of_row[rows]
 
-    normalize = {"standard": StandardScaler(), "l2": Normalizer(), "none": None}[
-        settings.normalization
-    ]
-    for X, _ in train_chunks():  # a first pass fits the scaler (Normalizer: no-op)
-        if normalize is not None:
-            normalize.partial_fit(X)
+    for name in ("normalize", "pca"):
+        step = pipeline.named_steps[name]
+        if step == "passthrough":
+            continue
+        if isinstance(step, Normalizer):  # stateless: fit only records the width
+            step.fit(next(train_chunks())[0])
+        else:
+            chunks = (X for X, _ in train_chunks())
+            for X in _batches_of_at_least(chunks, getattr(step, "n_components", 1)):
+                step.partial_fit(X)
+        fitted.append(step)
     for _ in range(epochs):
         for X, y in train_chunks():
-            X = normalize.transform(X) if normalize is not None else X
             model.partial_fit(X, y, classes=classes)
-    pipeline = Pipeline(
-        [
-            ("normalize", normalize or "passthrough"),
-            ("pca", "passthrough"),
-            ("classifier", model),
-        ]
-    )
     return pipeline, time.perf_counter() - began
+
+
+def _batches_of_at_least(
+    chunks: Iterator[np.ndarray], size: int
+) -> Iterator[np.ndarray]:
+    """The rows of `chunks`, regrouped so that each batch has at least `size` rows
+    (when all of them together do): `IncrementalPCA.partial_fit` needs as many rows
+    as components, and a chunk of selected rows can be small."""
+    pending = None
+    for chunk in chunks:
+        if pending is not None and len(pending) >= size and len(chunk) >= size:
+            yield pending
+            pending = chunk
+        else:
+            pending = chunk if pending is None else np.concatenate([pending, chunk])
+    if pending is not None:
+        yield pending
 
 
 def _predict_rows(store, layer, rows, pipeline) -> np.ndarray:
@@ -505,23 +620,32 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
     y_train = data.labels[train]
     y_test = data.labels[test] if test is not None else data.test_labels
     search_rows = _subsample(train, data.labels, settings.search_rows, settings.seed)
+    shots = _possible_shots(
+        settings.shots, y_train, data.store.class_names, data.adjustments
+    )
     for layer in layers:
         out_of_core = _use_out_of_core(data.store, layer, settings)
         if out_of_core:
             names = [c for c in settings.classifiers if CLASSIFIERS[c].out_of_core]
             skipped = sorted(set(settings.classifiers) - set(names))
             if skipped:
-                data.adjustments.append(
+                _note(
+                    data.adjustments,
                     f"layer {layer!r} is trained out of core "
                     f"({_layer_bytes(data.store, layer) / 1e9:.1f} GB): only sgd "
-                    f"supports that; {', '.join(skipped)} skipped"
+                    f"supports that; {', '.join(skipped)} skipped",
                 )
-            X_search = as_features(data.store.read(layer, data.rows[search_rows]))
+            if shots:
+                _note(
+                    data.adjustments,
+                    f"no low-shot curve for layer {layer!r}: it is trained out of "
+                    f"core, and low-shot training needs its codes in memory",
+                )
             X = None
         else:
             names = list(settings.classifiers)
             X = as_features(data.store.read(layer))[data.rows]
-            X_search = X[search_rows]
+        X_search = data.search_codes(layer, search_rows, X)
         X_test = None
         if not out_of_core:
             X_test = (
@@ -532,7 +656,12 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
         for name in names:
             bar.set_postfix_str(f"{layer} {name}")
             found = _search(
-                name, X_search, data.labels[search_rows], data.folds, settings
+                name,
+                X_search,
+                data.labels[search_rows],
+                data.folds,
+                settings,
+                data.client,
             )
             if out_of_core:
                 pipeline, seconds = _fit_out_of_core(
@@ -573,22 +702,47 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
             rows += metric_rows(
                 {**metrics, "fit_seconds": seconds}, split="test", **keys
             )
-            if settings.shots and X is not None:
+            if shots and X is not None:
                 rows += _low_shot(
-                    name, X[train], y_train, X_test, y_test, layer, settings
+                    name, X[train], y_train, X_test, y_test, layer, shots, settings
                 )
             bar.update()
     split["y_test"] = y_test
     return rows, candidates, split
 
 
-def _low_shot(name, X_train, y_train, X_test, y_test, layer, settings) -> list[dict]:
-    """Train on `shots` examples per class (several seeds), score on the test rows."""
+def _possible_shots(
+    shots: tuple[int, ...],
+    y_train: np.ndarray,
+    class_names: list[str],
+    adjustments: list[str],
+) -> tuple[int, ...]:
+    """`shots` with values larger than the smallest class's training rows replaced,
+    with a note, by that number (the largest possible), without repeats."""
+    if not shots:
+        return ()
+    classes, counts = np.unique(y_train, return_counts=True)
+    largest = int(counts.min())
+    possible = tuple(dict.fromkeys(min(s, largest) for s in shots))
+    too_many = [s for s in shots if s > largest]
+    if too_many:
+        _note(
+            adjustments,
+            f"shots {', '.join(map(str, too_many))} per class: the smallest class "
+            f"{class_names[classes[np.argmin(counts)]]!r} has only {largest} training "
+            f"rows, so the low-shot curves use {', '.join(map(str, possible))}",
+        )
+    return possible
+
+
+def _low_shot(
+    name, X_train, y_train, X_test, y_test, layer, shot_counts, settings
+) -> list[dict]:
+    """Train on each of `shot_counts` examples per class (several seeds), score on
+    the test rows."""
     rows = []
     classes = np.unique(y_train)
-    for shots in settings.shots:
-        if np.bincount(y_train)[classes].min() < shots:
-            continue
+    for shots in shot_counts:
         for repeat in range(settings.shot_seeds):
             rng = np.random.default_rng(settings.seed + repeat)
             chosen = np.concatenate(
@@ -619,17 +773,26 @@ def _low_shot(name, X_train, y_train, X_test, y_test, layer, settings) -> list[d
     return rows
 
 
-def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
-    """Nested CV: every outer fold selects among all candidates on its train part."""
+def _nested(data, layers, settings, bar) -> tuple[list, list, list, tuple, dict]:
+    """Nested CV: every outer fold selects among all candidates on its train part.
+
+    Each candidate is also searched, by the same inner rule, on all rows: the final
+    model is chosen from those searches exactly as each outer fold chose its model.
+    """
     outer = StratifiedKFold(data.folds, shuffle=True, random_state=settings.seed)
     splits = list(outer.split(np.zeros(len(data.labels)), data.labels))
     inner_folds = max(2, min(data.folds, _min_class(data.labels, splits)))
     if inner_folds < data.folds:
-        data.adjustments.append(
+        _note(
+            data.adjustments,
             f"inner cross-validation uses {inner_folds} folds: the smallest class "
-            f"is too small for {data.folds} within an outer training part"
+            f"is too small for {data.folds} within an outer training part",
         )
-    rows, scores = [], {}
+    everything = np.arange(len(data.rows))
+    final_rows = _subsample(
+        everything, data.labels, settings.search_rows, settings.seed
+    )
+    rows, scores, final = [], {}, {}
     for layer in layers:
         X = as_features(data.store.read(layer))[data.rows]
         for name in settings.classifiers:
@@ -640,22 +803,18 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
                 )
                 found = _search(
                     name,
-                    X[search_rows],
+                    data.search_codes(layer, search_rows, X),
                     data.labels[search_rows],
                     inner_folds,
                     settings,
+                    data.client,
                 )
                 pipeline, seconds = _fit(
                     name, found.params, X[train], data.labels[train], settings
                 )
                 predicted = pipeline.predict(X[test])
                 metrics = classification_metrics(data.labels[test], predicted)
-                scores[(layer, name, fold)] = (
-                    np.mean(found.fold_scores),
-                    metrics,
-                    predicted,
-                    found.params,
-                )
+                scores[(layer, name, fold)] = (found, metrics, predicted)
                 rows += metric_rows(
                     {**metrics, "fit_seconds": seconds},
                     method="linear_probe",
@@ -666,6 +825,15 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
                     seed=settings.seed,
                 )
                 bar.update()
+            final[(layer, name)] = _search(
+                name,
+                data.search_codes(layer, final_rows, X),
+                data.labels[final_rows],
+                inner_folds,
+                settings,
+                data.client,
+            )
+            bar.update()
     candidates = []
     for layer in layers:
         for name in settings.classifiers:
@@ -674,21 +842,27 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
                 m: float(np.mean([s[m] for s in outer_scores])) for m in outer_scores[0]
             }
             candidates.append(
-                Candidate(layer, name, {}, [s["accuracy"] for s in outer_scores], mean)
+                Candidate(
+                    layer,
+                    name,
+                    final[(layer, name)].params,
+                    [s["accuracy"] for s in outer_scores],
+                    mean,
+                )
             )
     selections, confusion_pairs = [], []
     for fold, (_, test) in enumerate(splits):
-        (layer, name, _), (inner, metrics, predicted, params) = max(
+        (layer, name, _), (found, metrics, predicted) = max(
             ((key, value) for key, value in scores.items() if key[2] == fold),
-            key=lambda item: item[1][0],
+            key=lambda item: _selection_key(item[1][0].fold_scores),
         )
         selections.append(
             {
                 "fold": fold,
                 "layer": layer,
                 "classifier": name,
-                "params": params,
-                "inner_cv": float(inner),
+                "params": found.params,
+                "inner_cv": float(np.mean(found.fold_scores)),
                 **metrics,
             }
         )
@@ -704,7 +878,7 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, np.ndarray]:
         confusion_pairs.append((data.labels[test], predicted))
     y_true = np.concatenate([t for t, _ in confusion_pairs])
     y_pred = np.concatenate([p for _, p in confusion_pairs])
-    return rows, candidates, selections, (y_true, y_pred)
+    return rows, candidates, selections, (y_true, y_pred), final
 
 
 def _min_class(labels, splits) -> int:
@@ -723,6 +897,7 @@ def compare(
     *,
     test_store: str | FeatureStore | None = None,
     progress: bool = True,
+    client: Client | str | None = None,
     **setting_overrides,
 ) -> ComparisonResult:
     """Compare classifiers on each layer of a feature store (see module docstring).
@@ -733,21 +908,24 @@ def compare(
         test_store: a separate store of test images (same extraction settings and
             classes); then every row of `store` is training data.
         progress: show a progress bar over layer × classifier fits.
+        client: run the CV fits on a Dask cluster (`pip install 'tl[dask]'`): a
+            `distributed.Client`, `"local:N"` or a scheduler address (see
+            `tl.distributed.connected`). Its workers read the codes from the store
+            (at the same path), and the results equal a local run's.
 
     Returns:
         A `ComparisonResult`; `tl.reports.write_report` turns it into files.
     """
-    settings = dataclasses.replace(
-        settings or ComparisonSettings(), **setting_overrides
-    )
-    opened = []
-    if not isinstance(store, FeatureStore):
-        store = FeatureStore(store)
-        opened.append(store)
-    if test_store is not None and not isinstance(test_store, FeatureStore):
-        test_store = FeatureStore(test_store)
-        opened.append(test_store)
-    try:
+    settings = (settings or ComparisonSettings()).updated(**setting_overrides)
+    if client is not None:
+        from tl.distributed import check_client
+
+        check_client(client)  # no Dask, or a malformed cluster: one line, at once
+    with contextlib.ExitStack() as stack:
+        if not isinstance(store, FeatureStore):
+            store = stack.enter_context(FeatureStore(store))
+        if test_store is not None and not isinstance(test_store, FeatureStore):
+            test_store = stack.enter_context(FeatureStore(test_store))
         layers = list(settings.layers or store.layers)
         for layer in layers:
             if layer not in store.layers:
@@ -758,29 +936,30 @@ def compare(
         if test_store is not None and settings.protocol != "holdout":
             raise TLError("A separate test store goes with the holdout protocol.")
         data = _prepare(store, test_store, layers, settings)
+        if client is not None:  # once the checks passed: a refusal costs nothing
+            from tl.distributed import connected
+
+            data.client = stack.enter_context(connected(client))
         if store.settings.get("weights") == "none":
             log.warning(
                 "note: %s holds codes of random weights (--weights none): these "
                 "accuracies say nothing about the pretrained backbone.",
                 store.path,
             )
-        for note in data.adjustments:
+        for note in data.adjustments:  # once the checks passed: a refusal is one line
             log.warning("note: %s", note)
         total = len(layers) * len(settings.classifiers)
         if settings.protocol == "cv":
-            total *= data.folds
+            total *= data.folds + 1  # outer folds, then the search on all rows
         with tqdm(total=total, unit="fit", disable=not progress, leave=False) as bar:
             if settings.protocol == "holdout":
                 return _finish_holdout(data, layers, settings, bar)
             return _finish_nested(data, layers, settings, bar)
-    finally:
-        for handle in opened:
-            handle.close()
 
 
 def _finish_holdout(data, layers, settings, bar) -> ComparisonResult:
     rows, candidates, split = _holdout(data, layers, settings, bar)
-    winner = max(candidates, key=lambda c: (c.cv_mean, -c.cv_std))
+    winner = max(candidates, key=lambda c: _selection_key(c.cv_scores))
     y_test = split.pop("y_test")
     labels = np.arange(len(data.store.class_names))
     return ComparisonResult(
@@ -798,22 +977,24 @@ def _finish_holdout(data, layers, settings, bar) -> ComparisonResult:
 
 
 def _finish_nested(data, layers, settings, bar) -> ComparisonResult:
-    rows, candidates, selections, (y_true, y_pred) = _nested(
+    rows, candidates, selections, (y_true, y_pred), final = _nested(
         data, layers, settings, bar
     )
-    best = max(candidates, key=lambda c: c.test["accuracy"])
-    # The final model: the best candidate, tuned and refit on every row.
-    X = as_features(data.store.read(best.layer))[data.rows]
-    search_rows = _subsample(
-        np.arange(len(X)), data.labels, settings.search_rows, settings.seed
+    # The final model: chosen by the rule each outer fold used, on all rows, refit.
+    (layer, name), found = max(
+        final.items(), key=lambda item: _selection_key(item[1].fold_scores)
     )
-    found = _search(
-        best.classifier, X[search_rows], data.labels[search_rows], data.folds, settings
-    )
-    best.params = found.params
-    best.pipeline, best.fit_seconds = _fit(
-        best.classifier, found.params, X, data.labels, settings
-    )
+    best = next(c for c in candidates if (c.layer, c.classifier) == (layer, name))
+    X = as_features(data.store.read(layer))[data.rows]
+    best.pipeline, best.fit_seconds = _fit(name, found.params, X, data.labels, settings)
+    final_selection = {
+        "layer": layer,
+        "classifier": name,
+        "params": found.params,
+        "inner_cv": float(np.mean(found.fold_scores)),
+        "inner_cv_std": float(np.std(found.fold_scores)),
+        "inner_folds": len(found.fold_scores),
+    }
     estimate = {"protocol": "nested_cv"}
     for metric in METRICS:
         values = [selection[metric] for selection in selections]
@@ -832,4 +1013,5 @@ def _finish_nested(data, layers, settings, bar) -> ComparisonResult:
         adjustments=data.adjustments,
         split={"rows": len(data.rows), "outer_folds": data.folds},
         selections=selections,
+        final_selection=final_selection,
     )

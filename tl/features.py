@@ -13,58 +13,64 @@ import dataclasses
 import functools
 import logging
 import math
-import platform
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
-import tl
+from tl._checks import ParameterError, check_choice, check_interval
+from tl._settings import FlatSettings
 from tl.backbones import (
-    PREPROCESSING_MODES,
+    BackboneSettings,
     BackboneSpec,
     Tap,
     WeightsInfo,
-    build_backbone,
-    get_backbone,
     layer_taps,
-    normalize_weights,
     resolve_layers,
 )
 from tl.engines import (
-    DEFAULT_ENGINE,
-    LEGACY_SETTINGS,
     CompiledExtractor,
     CompileRequest,
-    check_engine_precision,
+    EngineSettings,
     compile_extractor,
-    get_engine,
     load_engine,
 )
-from tl.engines.calibration import (
-    Calibration,
-    check_calibration,
-    sample_calibration,
-)
+from tl.engines.calibration import Calibration, sample_calibration
 from tl.engines.hint import measured_speed_hint
 from tl.errors import TLError
 from tl.images import (
-    DEFAULT_MAX_PIXELS,
     ImageIndex,
     ImageSettings,
     decoded_batches,
     index_images,
 )
-from tl.store import FeatureStore, StoreWriter, settings_differences
+from tl.locking import acquire
+from tl.provenance import (
+    INFERENCE_KEYS,
+    Identity,
+    codes_identity,
+    identity_differences,
+    provenance_record,
+)
+from tl.store import (
+    FeatureStore,
+    StoreWriter,
+    estimated_bytes,
+    format_bytes,
+    refuse_foreign_file,
+    repair_cut_short,
+    replacement_path,
+)
+
+if TYPE_CHECKING:  # only with the dask extra
+    from distributed import Client
 
 log = logging.getLogger("tl")
 
@@ -99,9 +105,11 @@ class Pooling:
         match = re.fullmatch(r"grid:(\d+)(?:x(\d+))?", text)
         if match and int(match[1]) > 0 and int(match[2] or match[1]) > 0:
             return cls("grid", (int(match[1]), int(match[2] or match[1])))
-        raise TLError(
-            f"Unknown pooling {text!r}; choose one of avg, max, avgmax, flatten, none "
-            f"or grid:GHxGW (e.g. grid:2x2)."
+        raise ParameterError(
+            "pooling",
+            "one of 'avg', 'max', 'avgmax', 'flatten', 'none' or 'grid:GHxGW' (e.g. "
+            "'grid:2x2')",
+            text,
         )
 
     def __str__(self) -> str:
@@ -204,64 +212,45 @@ def build_extractor(
 # Settings
 
 
-def _size_pair(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    if isinstance(image_size, str):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", image_size)
-        if not match:
-            raise TLError(f"Image size must be N or HxW, got {image_size!r}.")
-        return (int(match[1]), int(match[2] or match[1]))
-    return tuple(int(side) for side in image_size)
+DEFAULT_BACKBONE = "vgg16"  # the classic CNN codes: five pooled blocks, one per alias
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractionSettings:
-    """Everything that determines the codes; stored in the feature store and compared
-    when a run resumes.
+class ExtractionSettings(FlatSettings):
+    """Everything that determines the codes; stored flat in the feature store and
+    compared when a run resumes.
+
+    Build it with parts (`ExtractionSettings(BackboneSettings("resnet50"),
+    ImageSettings(64), layers=("conv4",))`) or with flat keywords
+    (`ExtractionSettings.create(backbone="resnet50", image_size=64,
+    layers=["conv4"])`).
 
     Attributes:
-        backbone: registry name (`tl.list_backbones()`).
+        backbone: the network, its weights, precision and seed (`BackboneSettings`).
+        image: how files become inputs (`ImageSettings`; size None: the backbone's).
         layers: aliases or Keras layer names (`--list-layers BACKBONE`).
         pooling: one pooling for all layers or one per layer (see `Pooling`).
-        image_size: (height, width); None takes the backbone's default.
-        resize, interpolation, antialias, max_pixels: see `tl.images.ImageSettings`.
-        weights: `imagenet`, `none` or a weights file path.
-        precision: compute precision (`float32`, `bfloat16`, `float16`; `int8` with
-            the openvino engine).
         dtype: stored dtype (`float32` or `float16`).
         labels: `inferred` (class sub-folders) or None (unlabeled).
-        seed: random initialisation seed (`weights=none`).
-        engine: what runs the extractor (`tl.engines`): `keras` (the reference) or
-            `openvino`.
-        calibration_images: int8 only: images to calibrate on (default 300).
-        calibration_source: int8 only: the folder or CSV to draw them from, which
-            should hold training images only; `extract` defaults it to its source.
+        engine: what runs the extractor at the backbone's precision, and the int8
+            calibration sample (`tl.engines.EngineSettings`; Keras by default).
     """
 
-    backbone: str = "vgg16"
+    backbone: BackboneSettings = dataclasses.field(
+        default_factory=lambda: BackboneSettings(DEFAULT_BACKBONE)
+    )
+    image: ImageSettings = dataclasses.field(default_factory=ImageSettings)
     layers: tuple[str, ...] = ("last",)
     pooling: tuple[str, ...] = ("avg",)
-    image_size: tuple[int, int] | None = None
-    resize: str = "squash"
-    interpolation: str = "bilinear"
-    antialias: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    weights: str = "imagenet"
-    precision: str = "float32"
     dtype: str = "float32"
     labels: str | None = "inferred"
-    seed: int = 0
-    engine: str = DEFAULT_ENGINE
-    calibration_images: int | None = None
-    calibration_source: str | None = None
+    engine: EngineSettings = dataclasses.field(default_factory=EngineSettings)
 
     def __post_init__(self):
         def set_(name, value):
             object.__setattr__(self, name, value)
 
+        self.check_parts()
         set_(
             "layers",
             (self.layers,) if isinstance(self.layers, str) else tuple(self.layers),
@@ -270,31 +259,13 @@ class ExtractionSettings:
             "pooling",
             tuple(str(p) for p in parse_poolings(self.pooling, len(self.layers))),
         )
-        set_("image_size", _size_pair(self.image_size))
-        set_("weights", normalize_weights(self.weights))
-        check_engine_precision(self.engine, self.precision)
-        images, source = check_calibration(
-            self.precision, self.calibration_images, self.calibration_source
-        )
-        set_("calibration_images", images)
-        set_("calibration_source", source)
-        if self.dtype not in OUTPUT_DTYPES:
-            raise TLError(
-                f"Unknown dtype {self.dtype!r}; choose one of "
-                f"{', '.join(OUTPUT_DTYPES)}."
-            )
+        check_choice("dtype", self.dtype, OUTPUT_DTYPES)
+        check_choice("labels", self.labels, ("inferred", None))
+        set_("engine", self.engine.for_precision(self.backbone.precision))
 
-    def to_json(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["layers"] = list(self.layers)
-        values["pooling"] = list(self.pooling)
-        values["image_size"] = list(self.image_size) if self.image_size else None
-        return values
-
-    @classmethod
-    def from_json(cls, values: dict) -> ExtractionSettings:
-        fields = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in fields})
+    def resolved(self) -> ExtractionSettings:
+        """These settings with the image size filled in from the backbone."""
+        return dataclasses.replace(self, image=self.image.resolved(self.backbone.spec))
 
 
 @dataclasses.dataclass
@@ -302,13 +273,12 @@ class Extractor:
     """A built backbone with its taps: what `extract` runs and `predict` reuses."""
 
     spec: BackboneSpec
-    settings: ExtractionSettings
-    image_settings: ImageSettings
+    settings: ExtractionSettings  # resolved: the image size is set
     taps: list[Tap]
     poolings: list[Pooling]
     model: keras.Model
     weights: WeightsInfo
-    calibration: Calibration | None = None
+    calibration: Calibration | None = None  # int8: the images it is calibrated on
 
     def layer_info(self) -> list[dict]:
         """Per-layer metadata stored in the feature store."""
@@ -330,39 +300,53 @@ class Extractor:
         ]
 
     def codes_settings(self) -> dict:
-        """Settings plus the resolved weights hash and the int8 calibration sample's
-        hash: what a resumed run must match."""
+        """Settings plus the resolved weights hash and that of the int8 calibration
+        sample, as the store records them: what a resumed run must match."""
         return {
             **self.settings.to_json(),
             "weights_sha256": self.weights.sha256,
             "calibration_sha256": self.calibration.sha256 if self.calibration else None,
         }
 
+    def identity(
+        self, index: ImageIndex | None = None, *, hash_content: bool = False
+    ) -> Identity:
+        """The identity of the codes this extractor computes, for the images of
+        `index` when given (see `tl.provenance.codes_identity`)."""
+        return codes_identity(
+            self.settings,
+            index,
+            weights_sha256=self.weights.sha256,
+            layers=[tap.layer for tap in self.taps],
+            calibration_sha256=self.calibration.sha256 if self.calibration else None,
+            hash_content=hash_content,
+        )
+
     def model_identity(self) -> dict:
-        """What determines the Keras extractor's graph and weights, whatever engine
-        runs it: the key of an engine's converted model."""
-        settings = self.settings
+        """What determines the Keras model an engine converts: the codes' identity
+        without how they are run, plus the precision the model was built at and the
+        Keras version (the key of an engine's converted-model cache). Which images
+        are read (labels, size limit) changes the codes kept, not the model."""
+        values = self.identity().values
+        for key in (*INFERENCE_KEYS, "labels", "max_pixels"):
+            values.pop(key, None)
+        spec = self.settings.engine.spec
         return {
-            "backbone": settings.backbone,
-            "weights": self.weights.sha256 or dataclasses.asdict(self.weights),
-            "layers": [tap.layer for tap in self.taps],
-            "pooling": list(settings.pooling),
-            "image_size": list(settings.image_size),
-            "dtype": settings.dtype,
-            "precision": get_engine(settings.engine).build_precision(
-                settings.precision
-            ),
+            **values,
+            "build_precision": spec.build_precision(self.settings.backbone.precision),
             "keras_version": keras.__version__,
         }
 
     @functools.cached_property
     def compiled(self) -> CompiledExtractor:
-        """The extractor compiled by the settings' engine, on first use (an engine
-        may convert the model and calibrate it, which takes a while)."""
+        """The extractor compiled by the settings' engine on first use, once for all
+        the runs of this extractor (a Dask worker runs one per shard): the Keras
+        graph function, or an OpenVINO model converted (and calibrated) or read
+        from its cache."""
         request = CompileRequest(
-            self.settings.precision, self.model_identity(), self.calibration
+            self.settings.backbone.precision, self.model_identity(), self.calibration
         )
-        return compile_extractor(self.settings.engine, self.model, request)
+        return compile_extractor(self.settings.engine.name, self.model, request)
 
 
 def load_extractor(settings: ExtractionSettings) -> Extractor:
@@ -372,40 +356,29 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
     read: a missing engine, unknown backbone or layer, missing weights, bad sizes,
     int8 without calibration images.
     """
-    load_engine(settings.engine)
-    if settings.calibration_images and settings.calibration_source is None:
+    settings = settings.resolved()
+    engine = settings.engine
+    load_engine(engine.name)
+    if engine.calibration_images and engine.calibration_source is None:
         raise TLError(
             "int8 needs calibration images: set calibration_source to the training "
             "images (--calibration-source)."
         )
-    spec = get_backbone(settings.backbone)
-    if settings.image_size is None:
-        settings = dataclasses.replace(settings, image_size=(spec.default_size,) * 2)
-    image_settings = ImageSettings(  # checks resize and interpolation up front
-        settings.image_size,
-        settings.resize,
-        settings.interpolation,
-        settings.antialias,
-        settings.max_pixels,
-    )
-    backbone, weights = build_backbone(
-        spec,
-        settings.image_size,
-        settings.weights,
-        precision=get_engine(settings.engine).build_precision(settings.precision),
-        seed=settings.seed,
-    )
+    spec = settings.backbone.spec
+    # An engine other than Keras applies the precision to a float32 model itself.
+    build_precision = engine.spec.build_precision(settings.backbone.precision)
+    backbone, weights = dataclasses.replace(
+        settings.backbone, precision=build_precision
+    ).build(settings.image.size)
     taps = resolve_layers(layer_taps(backbone, spec), list(settings.layers), spec.name)
     poolings = parse_poolings(settings.pooling, len(taps))
     model = build_extractor(backbone, spec, taps, poolings, settings.dtype)
     calibration = None
-    if settings.calibration_images:
+    if engine.calibration_images:
         calibration = sample_calibration(
-            settings.calibration_source, settings.calibration_images, image_settings
+            engine.calibration_source, engine.calibration_images, settings.image
         )
-    return Extractor(
-        spec, settings, image_settings, taps, poolings, model, weights, calibration
-    )
+    return Extractor(spec, settings, taps, poolings, model, weights, calibration)
 
 
 # ---------------------------------------------------------------------------------
@@ -414,9 +387,10 @@ def load_extractor(settings: ExtractionSettings) -> Extractor:
 
 @dataclasses.dataclass
 class ExtractionResult:
-    """What a call of `extract` did."""
+    """What a call of `extract` did, and with which (resolved) settings."""
 
     path: Path
+    settings: ExtractionSettings
     rows: int
     skipped: list[tuple[int, str, str]]
     images_processed: int
@@ -427,107 +401,109 @@ class ExtractionResult:
         return self.images_processed / self.seconds if self.seconds else float("nan")
 
 
-def _provenance(extractor: Extractor, source: Path) -> dict:
-    return {
-        "tl_version": tl.__version__,
-        "keras_version": keras.__version__,
-        "tensorflow_version": tf.__version__,
-        "h5py_version": h5py.__version__,
-        "numpy_version": np.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "source": str(source),
-        "backbone_constructor": f"keras.applications.{extractor.spec.constructor}",
-        "preprocessing": extractor.spec.preprocessing,
-        "preprocessing_description": PREPROCESSING_MODES[extractor.spec.preprocessing],
-        "weights": dataclasses.asdict(extractor.weights),
-        "image_size": list(extractor.settings.image_size),
-        "inference": extractor.compiled.provenance,
-    }
-
-
-def _format_bytes(count: float) -> str:
-    power = min(int(math.log10(max(count, 1)) // 3), 4)
-    if power == 0:
-        return f"{count:.0f} B"
-    return f"{count / 1000**power:.1f} {('KB', 'MB', 'GB', 'TB')[power - 1]}"
-
-
-def storage_plan(layer_info: list[dict], images: int) -> tuple[list[str], int]:
-    """Lines describing bytes per image and in total for each layer, and the total."""
-    lines, total = [], 0
+def storage_plan(layer_info: list[dict], images: int) -> list[str]:
+    """Lines describing the bytes per image and in total of each layer's codes."""
+    lines = []
     for info in layer_info:
         per_image = math.prod(info["shape"]) * np.dtype(info["dtype"]).itemsize
-        total += per_image * images
         raw = "x".join(map(str, info["raw_shape"]))
         lines.append(
             f"  {info['requested']:>14} = {info['layer']:<24} {raw:>14} "
             f"-> {info['pooling']:<9} {math.prod(info['shape']):>9} values "
-            f"{_format_bytes(per_image):>9}/image "
-            f"{_format_bytes(per_image * images):>9}"
+            f"{format_bytes(per_image):>9}/image "
+            f"{format_bytes(per_image * images):>9}"
         )
-    return lines, total
+    return lines
 
 
-def _check_disk(folder: Path, needed: int) -> None:
+def check_disk(path: Path, needed: int) -> None:
+    """Refuse, in one line, to write `needed` bytes beside `path` if they do not fit."""
+    folder = path.absolute().parent
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise TLError(
-            f"The codes need about {_format_bytes(needed)} but only "
-            f"{_format_bytes(free)} are free on {folder}. Pool more (avg, grid:2x2), "
+            f"The codes need about {format_bytes(needed)} but only "
+            f"{format_bytes(free)} are free on {folder}. Pool more (avg, grid:2x2), "
             f"store --dtype float16, use --compression lzf, or write elsewhere."
         )
 
 
 def _open_store(
-    output: Path,
+    target: Path,
     source: Path,
     extractor: Extractor,
     index: ImageIndex,
     num_images: int,
     shard: dict | None,
     compression: str | None,
-    overwrite: bool,
+    start_over: bool,
 ) -> StoreWriter | None:
-    """A writer positioned after the last complete batch; None if already complete."""
-    codes_settings = extractor.codes_settings()
-    if output.exists() and not overwrite:
-        with FeatureStore(output, require_complete=False) as existing:
-            differences = settings_differences(
-                {**LEGACY_SETTINGS, **existing.settings}, codes_settings
-            )
-            if existing.shard != shard:
-                differences.append(
-                    f"shard: file has {existing.shard}, this run {shard}"
-                )
-            if existing.index_sha256 != index.fingerprint():
-                differences.append(
-                    f"input: the file indexed {existing.num_images} images, "
-                    f"{str(index.root)!r} now gives {num_images} (or other paths or "
-                    f"labels)"
-                )
-            complete = existing.complete
-        if differences:
-            raise TLError(
-                f"{str(output)!r} holds an extraction with other settings: "
-                f"{'; '.join(differences)}. Pass --overwrite (overwrite=True) to "
-                f"replace it, or choose another --output."
-            )
-        if complete:
-            return None
-        return StoreWriter.resume(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    """A writer of `target` positioned after its last complete batch; None if it is
+    already complete. A store there with other settings or input is refused, or
+    with `start_over` (the `<output>.new` of an overwrite) replaced, as is one that
+    cannot be resumed."""
+    if target.exists():
+        try:
+            return _resume_store(target, extractor, index, num_images, shard)
+        except TLError:
+            if not start_over:
+                raise
     return StoreWriter.create(
-        output,
-        settings=codes_settings,
-        provenance=_provenance(extractor, source),
+        target,
+        settings=extractor.codes_settings(),
+        provenance=provenance_record(extractor, source, index),
         layers=extractor.layer_info(),
         class_names=index.class_names,
         num_images=num_images,
         index_sha256=index.fingerprint(),
         compression=compression,
         shard=shard,
+        ignored=index.ignored,
     )
+
+
+def _resume_store(
+    target: Path,
+    extractor: Extractor,
+    index: ImageIndex,
+    num_images: int,
+    shard: dict | None,
+) -> StoreWriter | None:
+    repair_cut_short(target)
+    with FeatureStore(target, require_complete=False) as existing:
+        check_same_extraction(existing, extractor, index, num_images, shard)
+        complete = existing.complete
+    return None if complete else StoreWriter.resume(target)
+
+
+def check_same_extraction(
+    existing: FeatureStore,
+    extractor: Extractor,
+    index: ImageIndex,
+    num_images: int,
+    shard: dict | None,
+) -> None:
+    """Refuse, in one line, a store that holds another extraction than this one
+    (settings, shard or input): it may be neither resumed nor counted as done."""
+    differences = identity_differences(
+        ExtractionSettings.with_defaults(existing.settings),
+        extractor.codes_settings(),
+        names=("file has", "this run asks"),
+    )
+    if existing.shard != shard:
+        differences.append(f"shard: file has {existing.shard}, this run {shard}")
+    if existing.index_sha256 != index.fingerprint():
+        differences.append(
+            f"input: the file indexed {existing.num_images} images, "
+            f"{str(index.root)!r} now gives {num_images} (or other paths or "
+            f"labels)"
+        )
+    if differences:
+        raise TLError(
+            f"{str(existing.path)!r} holds an extraction with other settings: "
+            f"{'; '.join(differences)}. Pass --overwrite (overwrite=True) to "
+            f"replace it, or choose another --output."
+        )
 
 
 def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -536,7 +512,7 @@ def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
         return 0, total
     index, count = shard
     if not 0 <= index < count:
-        raise TLError(f"Shard must be I/N with 0 <= I < N, got {index}/{count}.")
+        raise ParameterError("shard", "I/N with 0 <= I < N", f"{index}/{count}")
     return index * total // count, (index + 1) * total // count
 
 
@@ -551,6 +527,8 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    client: Client | str | None = None,
+    keep_shards: bool = False,
     speed_hint: bool = False,
     **setting_overrides,
 ) -> ExtractionResult:
@@ -562,86 +540,201 @@ def extract(
         output: the HDF5 feature store to write. If it exists with the same settings
             and input, the run resumes after its last complete batch (or returns at
             once when it is complete); other settings are refused unless `overwrite`.
-        settings: an `ExtractionSettings`; keyword arguments override its fields, so
-            `extract(src, out, backbone="resnet50", layers=["conv4", "conv5"])` works.
+            The run holds `<output>.lock` throughout: a second writer is refused.
+        settings: an `ExtractionSettings`; keyword arguments override it by its flat
+            keys (`ExtractionSettings.updated`), so `extract(src, out,
+            backbone="resnet50", layers=["conv4", "conv5"], image_size=64)` works.
         batch_size: images per forward pass (memory only; codes do not depend on it).
         compression: None, `lzf` or `gzip` for the code datasets.
         shard: `(index, count)` to process only a contiguous slice of the input, for
             parallel workers; join the shard files with `tl.store.merge_stores`.
-        overwrite: replace an existing store instead of resuming it.
+        overwrite: replace an existing store instead of resuming it. The new store
+            is written to `<output>.new` and renamed over `output` once complete, so
+            the old one survives an interruption; the same call resumes `.new`.
         progress: show a progress bar (images/s, ETA).
         on_batch: called as `on_batch(images_done, images_total)` after each batch
             is safely written.
+        client: run on a Dask cluster (`pip install 'tl[dask]'`): a
+            `distributed.Client`, `"local:N"` (N worker processes here) or a
+            scheduler address. The index is split into shards that the workers
+            extract under `<output>.shards/`, then merged into `output`; see
+            `tl.distributed.extract`.
+        keep_shards: with `client`, keep the shard folder after the merge.
         speed_hint: on a CPU with OpenVINO installed, a long float32 run first
             measures how much faster OpenVINO bfloat16 and int8 would be, on a few
-            of its images, and logs it (`tl.engines.hint`).
+            of its images, and logs it (`tl.engines.hint`; not with `client`).
 
     Returns:
         An `ExtractionResult` (path, rows written, skipped files, timing).
     """
-    settings = dataclasses.replace(
-        settings or ExtractionSettings(), **setting_overrides
-    )
-    if settings.calibration_images and settings.calibration_source is None:
-        settings = dataclasses.replace(settings, calibration_source=str(source))
-    if batch_size < 1:
-        raise TLError(f"batch_size must be at least 1, got {batch_size}.")
+    settings = (settings or ExtractionSettings()).updated(**setting_overrides)
+    if settings.engine.calibration_images and not settings.engine.calibration_source:
+        settings = settings.updated(calibration_source=str(source))
+    check_interval("batch_size", batch_size, low=1, integer=True)
+    if client is not None:
+        if shard is not None:
+            raise TLError(
+                "A run on Dask splits the input into shards itself; drop the shard "
+                "(--shard) or the client (--dask)."
+            )
+        from tl import distributed
+
+        return distributed.extract(
+            source,
+            output,
+            settings,
+            client=client,
+            batch_size=batch_size,
+            compression=compression,
+            overwrite=overwrite,
+            progress=progress,
+            on_batch=on_batch,
+            keep_shards=keep_shards,
+        )
     output = Path(output)
     extractor = load_extractor(settings)
-    settings = extractor.settings
-    index = index_images(source, settings.labels)
-    start, stop = shard_range(len(index), shard)
-    shard_info = {"index": shard[0], "count": shard[1]} if shard else None
+    index = index_images(source, extractor.settings.labels)
 
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with acquire(output, "extraction"):
+        refuse_foreign_file(output)
+        target = replacement_path(output) if overwrite else output
+        if overwrite:
+            log.info("writing %s; it replaces %s once complete", target, output)
+        processed, seconds = write_codes(
+            target,
+            source,
+            extractor,
+            index,
+            shard=shard,
+            compression=compression,
+            start_over=overwrite,
+            batch_size=batch_size,
+            progress=progress,
+            on_batch=on_batch,
+            speed_hint=speed_hint,
+        )
+        if overwrite:
+            target.replace(output)
+        return finished_result(output, settings, processed, seconds)
+
+
+def finished_result(
+    output: Path, settings: ExtractionSettings, processed: int, seconds: float
+) -> ExtractionResult:
+    """The result of an extraction into the complete store `output`; its skipped
+    files are logged."""
+    with FeatureStore(output) as store:
+        result = ExtractionResult(
+            output, settings, len(store), store.skipped, processed, seconds
+        )
+    for _, path, reason in result.skipped:
+        log.warning("skipped %s: %s", path, reason)
+    return result
+
+
+def write_codes(
+    target: Path,
+    source: str | Path,
+    extractor: Extractor,
+    index: ImageIndex,
+    *,
+    shard: tuple[int, int] | None,
+    compression: str | None,
+    start_over: bool,
+    batch_size: int,
+    progress: bool,
+    on_batch: Callable[[int, int], None] | None,
+    announce: bool = True,
+    speed_hint: bool = False,
+) -> tuple[int, float]:
+    """Fill the store `target` with the codes of `index` (or of its `shard`),
+    resuming what it holds, and mark it complete. The caller holds its lock.
+
+    A store there with other settings or input is refused, or with `start_over`
+    replaced, as is one that cannot be resumed. `announce` logs the plan first;
+    `speed_hint` then measures and logs a faster engine (`tl.engines.hint`).
+
+    Returns:
+        (images processed, seconds) by this call.
+    """
+    start, stop = shard_range(len(index), shard)
     writer = _open_store(
-        output,
+        target,
         Path(source).expanduser().resolve(),
         extractor,
         index,
         stop - start,
-        shard_info,
+        {"index": shard[0], "count": shard[1]} if shard else None,
         compression,
-        overwrite,
+        start_over,
     )
     if writer is None:
-        log.info("%s is already complete; nothing to do.", output)
-        with FeatureStore(output) as store:
-            return ExtractionResult(output, len(store), store.skipped, 0, 0.0)
+        log.info("%s is already complete; nothing to do.", target)
+        return 0, 0.0
     with writer:
         done = writer.images_done
-        remaining = stop - start - done
-        lines, needed = storage_plan(extractor.layer_info(), remaining)
-        log.info(
-            "%s: %d images (%s), %s%s",
-            index.root,
+        needed = codes_bytes(
+            extractor.layer_info(),
             stop - start,
-            f"{len(index.class_names)} classes" if index.class_names else "unlabeled",
-            f"resuming after {done}, " if done else "",
-            f"{remaining} to go",
+            writer.rows,
+            index.paths[start + done : stop],
         )
-        for ignored in index.ignored:
-            log.warning("ignored %s: not inside a class folder", ignored)
-        log.info("codes per layer (%s):\n%s", settings.dtype, "\n".join(lines))
-        if extractor.weights.source == "none":
-            log.warning(
-                "--weights none: random weights. These codes, and any accuracy "
-                "measured on them, say nothing about the pretrained %s.",
-                extractor.spec.name,
-            )
-        _check_disk(output.resolve().parent, needed)
+        if announce:
+            describe_plan(extractor, index, stop - start, done, needed)
+        check_disk(writer.path, needed)
         if speed_hint:
             paths = index.absolute_paths()[start + done : stop]
             if line := measured_speed_hint(extractor, paths):
                 log.info("hint: %s", line)
         began = time.perf_counter()
-        _run(extractor, index, writer, start, stop, batch_size, progress, on_batch)
+        _append_batches(
+            extractor, index, writer, start, stop, batch_size, progress, on_batch
+        )
         seconds = time.perf_counter() - began
         writer.finish()
-    with FeatureStore(output) as store:
-        result = ExtractionResult(output, len(store), store.skipped, remaining, seconds)
-    for _, path, reason in result.skipped:
-        log.warning("skipped %s: %s", path, reason)
-    return result
+    return stop - start - done, seconds
+
+
+def codes_bytes(
+    layers: list[dict], num_images: int, rows: int, paths: Sequence[str]
+) -> int:
+    """Bytes that the rows of `paths` add to a store of `num_images` images that holds
+    `rows` rows (`tl.store.estimated_bytes`)."""
+    path_bytes = sum(len(path.encode()) for path in paths)
+    return estimated_bytes(
+        layers, num_images, rows + len(paths), path_bytes
+    ) - estimated_bytes(layers, num_images, rows, 0)
+
+
+def describe_plan(
+    extractor: Extractor, index: ImageIndex, images: int, done: int, needed: int
+) -> None:
+    """Log what an extraction of `images` images, `done` of them already, will do:
+    the input, its ignored files, the codes per layer and the bytes to write."""
+    remaining = images - done
+    log.info(
+        "%s: %d images (%s), %s%s",
+        index.root,
+        images,
+        f"{len(index.class_names)} classes" if index.class_names else "unlabeled",
+        f"resuming after {done}, " if done else "",
+        f"{remaining} to go",
+    )
+    for path, reason in index.ignored:
+        log.warning("ignored %s: %s", path, reason)
+    log.info(
+        "codes per layer (%s), about %s to write:\n%s",
+        extractor.settings.dtype,
+        format_bytes(needed),
+        "\n".join(storage_plan(extractor.layer_info(), remaining)),
+    )
+    if extractor.weights.source == "none":
+        log.warning(
+            "--weights none: random weights. These codes, and any accuracy measured "
+            "on them, say nothing about the pretrained %s.",
+            extractor.spec.name,
+        )
 
 
 @dataclasses.dataclass
@@ -660,13 +753,13 @@ def iter_codes(
 ) -> Iterator[CodeBatch]:
     """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
     (see `tl.images.decoded_batches`)."""
-    run = extractor.compiled.run
-    for batch in decoded_batches(paths, extractor.image_settings, batch_size, first):
-        codes = run(batch.images) if batch.images is not None else {}
+    codes_of = extractor.compiled.codes_of
+    for batch in decoded_batches(paths, extractor.settings.image, batch_size, first):
+        codes = codes_of(batch.images) if batch.images is not None else {}
         yield CodeBatch(batch.positions, codes, batch.skipped, batch.end)
 
 
-def _run(
+def _append_batches(
     extractor: Extractor,
     index: ImageIndex,
     writer: StoreWriter,

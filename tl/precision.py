@@ -13,7 +13,7 @@ from pathlib import Path
 
 import keras
 
-from tl.errors import TLError
+from tl._checks import check_choice
 
 PRECISIONS = {
     "float32": "float32",
@@ -24,11 +24,7 @@ PRECISIONS = {
 
 def check_precision(precision: str) -> str:
     """`precision` if it is one tl knows, else a clear error."""
-    if precision not in PRECISIONS:
-        raise TLError(
-            f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
-        )
-    return precision
+    return check_choice("precision", precision, PRECISIONS)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ listed with their reason.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,14 @@ from tl.features import ExtractionSettings, iter_codes, load_extractor
 from tl.finetune import MODEL_FORMAT as FINETUNED_FORMAT
 from tl.finetune import load_finetuned
 from tl.images import UNLABELED, ImageIndex, index_folder, is_image_file
+from tl.model_folder import model_format
+from tl.provenance import INFERENCE_KEYS, identity_differences, layer_identity
 
 
 def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
     """Images to classify: one folder (class sub-folders named like the model's
-    classes give true labels), or any mix of image files and folders (unlabeled)."""
+    classes give true labels; paths relative to it), or any mix of image files and
+    folders (unlabeled; absolute paths, those of files as given, made absolute)."""
     if not inputs:
         raise TLError("Give image files or folders to classify.")
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
@@ -42,7 +45,7 @@ def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
         return index_folder(inputs[0], labels=None)
     paths: list[str] = []
     for item in inputs:
-        path = Path(item).expanduser().resolve()
+        path = Path(os.path.abspath(Path(item).expanduser()))
         if path.is_dir():
             found = index_folder(path, labels=None)
             paths += found.absolute_paths()
@@ -51,7 +54,7 @@ def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
         else:
             raise TLError(f"{item!r} is neither an image file nor a folder.")
     labels = np.full(len(paths), UNLABELED, np.int32)
-    return ImageIndex(Path("/"), [p.lstrip("/") for p in paths], labels, [])
+    return ImageIndex(Path("/"), paths, labels, [])
 
 
 def extraction_settings(
@@ -66,31 +69,30 @@ def extraction_settings(
     training codes' only with `allow_engine_mismatch`: other codes may be classified
     worse. A switch to int8 calibrates on the training images.
     """
-    stored = model.metadata["extraction"]
     trained = dataclasses.replace(
-        ExtractionSettings.from_json(stored),
+        ExtractionSettings.from_json(model.metadata["extraction"]),
         layers=(model.layer_info["layer"],),
         pooling=(model.layer_info["pooling"],),
     )
-    wanted = (engine or trained.engine, precision or trained.precision)
-    if wanted == (trained.engine, trained.precision):
+    made_by = (trained.engine.name, trained.backbone.precision)
+    wanted = (engine or made_by[0], precision or made_by[1])
+    if wanted == made_by:
         return trained
     if not allow_engine_mismatch:
         raise TLError(
-            f"The model was trained on codes made by {trained.engine} "
-            f"{trained.precision}; {wanted[0]} {wanted[1]} makes other codes, which "
-            f"it may classify worse. Predict without --engine/--precision, or pass "
-            f"--allow-engine-mismatch to accept that risk."
+            f"The model was trained on codes made by {made_by[0]} {made_by[1]}; "
+            f"{wanted[0]} {wanted[1]} makes other codes, which it may classify worse. "
+            f"Predict without --engine/--precision, or pass --allow-engine-mismatch "
+            f"to accept that risk."
         )
-    calibration_source = trained.calibration_source or model.metadata.get(
+    source = trained.engine.calibration_source or model.metadata.get(
         "provenance", {}
     ).get("source")
-    return dataclasses.replace(
-        trained,
+    return trained.updated(
         engine=wanted[0],
         precision=wanted[1],
         calibration_images=None,
-        calibration_source=calibration_source if wanted[1] == "int8" else None,
+        calibration_source=source if wanted[1] == "int8" else None,
     )
 
 
@@ -115,10 +117,7 @@ def predict_images(
         the predicted class, or its decision value), `score_kind`, `true` (when the
         folder's sub-folders give labels), `error` (why an image was skipped).
     """
-    meta_path = Path(model_dir) / "metadata.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("format") == (
-        FINETUNED_FORMAT
-    ):
+    if model_format(model_dir) == FINETUNED_FORMAT:
         if engine or precision:
             raise TLError(
                 "--engine and --precision apply to linear probes; a fine-tuned model "
@@ -131,7 +130,9 @@ def predict_images(
         model = load_classifier(model_dir)
         index = index_inputs(inputs, model.class_names)
         settings = extraction_settings(model, engine, precision, allow_engine_mismatch)
-        records = _probe_records(model, settings, index, batch_size, progress)
+        records = _probe_records(
+            model, model_dir, settings, index, batch_size, progress
+        )
     names = model.class_names
     table = pd.DataFrame(
         [{"path": index.paths[i], **records[i]} for i in range(len(index))]
@@ -147,28 +148,27 @@ def _skipped_record(reason: str) -> dict:
 
 def _probe_records(
     model: SavedClassifier,
+    model_dir: str | Path,
     settings: ExtractionSettings,
     index: ImageIndex,
     batch_size: int,
     progress: bool,
 ) -> dict[int, dict]:
-    """Rebuild the training codes' extractor for the model's layer, then classify."""
+    """Rebuild the training codes' extractor for the model's layer (with `settings`:
+    the engine and precision may be others), then classify."""
     extractor = load_extractor(settings)
-    trained_with = model.metadata["extraction"].get("weights_sha256")
-    if extractor.weights.sha256 != trained_with:
+    differences = identity_differences(
+        model.identity,
+        layer_identity(extractor.codes_settings(), extractor.layer_info()[0]),
+        # what `extraction_settings` let differ; a mismatch of the rest is refused
+        ignore=INFERENCE_KEYS,
+        names=("at training", "now"),
+    )
+    if differences:
         raise TLError(
-            f"The weights differ from those the model's codes were made with: "
-            f"SHA-256 {extractor.weights.sha256} now, {trained_with} at training "
-            f"({model.metadata['extraction']['weights']}). Use the same weights file."
-        )
-    calibrated_on = model.metadata["extraction"].get("calibration_sha256")
-    if calibrated_on and extractor.calibration.sha256 != calibrated_on:
-        raise TLError(
-            f"The int8 calibration images in {settings.calibration_source!r} differ "
-            f"from those the model's codes were calibrated on (SHA-256 "
-            f"{extractor.calibration.sha256} now, {calibrated_on} at training). "
-            f"Restore them, or predict with --precision float32 "
-            f"--allow-engine-mismatch."
+            f"The codes of the extractor rebuilt for {str(model_dir)!r} would differ "
+            f"from those it was trained on: {'; '.join(differences)}. Use the weights "
+            f"file it was trained with ({model.metadata['extraction']['weights']!r})."
         )
     key = extractor.taps[0].layer
     classes = list(model.pipeline.classes_)

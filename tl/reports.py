@@ -18,7 +18,6 @@ so that probes and fine-tuned models compare in one table (`results.csv`,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -77,7 +76,8 @@ def leaderboard(result) -> pd.DataFrame:
 
     Holdout: ranked by CV accuracy on the training rows; test columns are scores on
     the held-out rows. Nested CV: ranked by the mean over outer folds (cv columns),
-    test columns are those means.
+    test columns are those means; the final model (chosen by the inner rule on all
+    rows, see `protocol_summary`) need not be first.
     """
     records = []
     for c in result.candidates:
@@ -135,7 +135,7 @@ def _seconds(value: float) -> str:
 
 def protocol_summary(result) -> str:
     """One paragraph: which protocol, and the winner's unbiased estimate."""
-    w, estimate = result.winner, result.winner_estimate
+    w, estimate, final = result.winner, result.winner_estimate, result.final_selection
     if estimate["protocol"] == "holdout":
         split = result.split
         held = (
@@ -161,7 +161,9 @@ def protocol_summary(result) -> str:
         f"{estimate['balanced_accuracy_std']:.3f}, macro-F1 "
         f"{estimate['macro_f1']:.3f} ± {estimate['macro_f1_std']:.3f} on the "
         f"held-out folds: the estimate for the whole procedure. Final model (*): "
-        f"{w.layer} + {w.classifier} {w.params}, refit on all rows."
+        f"{w.layer} + {w.classifier} {w.params}, chosen by the same rule on all rows "
+        f"({final['inner_folds']}-fold CV accuracy {final['inner_cv']:.3f}) and refit "
+        f"on all rows."
     )
 
 
@@ -271,13 +273,16 @@ def plot_low_shot(rows: list[dict], path, depth: dict[str, int]) -> Path | None:
     return Path(path)
 
 
-def write_report(result, directory: str | Path, *, store, run: dict) -> dict[str, Path]:
+def write_report(
+    result, directory: str | Path, *, store, invocation: dict
+) -> dict[str, Path]:
     """Write results.csv/json, leaderboard.csv, run.json and the plots.
 
     Args:
         result: a `tl.evaluation.ComparisonResult`.
         store: the `FeatureStore` compared (for provenance and layer depths).
-        run: what else is needed to re-run (arguments, versions, seed...).
+        invocation: how the comparison was invoked, for re-running it (arguments,
+            library versions...).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -302,16 +307,13 @@ def write_report(result, directory: str | Path, *, store, run: dict) -> dict[str
     if low_shot:
         written["low_shot_plot"] = low_shot
     summary = {
-        **run,
+        **invocation,
         "store": str(Path(store.path).resolve()),
         "store_settings": store.settings,
         "store_provenance": store.provenance,
         "protocol": result.settings.protocol,
         "protocol_summary": protocol_summary(result),
-        "comparison_settings": {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(result.settings).items()
-        },
+        "comparison_settings": result.settings.to_json(),
         "winner": {
             "layer": result.winner.layer,
             "classifier": result.winner.classifier,
@@ -319,6 +321,7 @@ def write_report(result, directory: str | Path, *, store, run: dict) -> dict[str
             "estimate": result.winner_estimate,
         },
         "selections": result.selections,
+        "final_selection": result.final_selection,
         "split": {k: v for k, v in result.split.items()},
         "adjustments": result.adjustments,
         "class_names": result.class_names,

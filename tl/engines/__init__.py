@@ -16,11 +16,14 @@ import dataclasses
 import importlib
 import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from tl._checks import ParameterError, check_choice, check_interval
+from tl._settings import FlatSettings
 from tl.errors import TLError
 
 if TYPE_CHECKING:
@@ -81,16 +84,8 @@ DEFAULT_ENGINE = "keras"
 PRECISIONS = tuple(
     dict.fromkeys(p for spec in _REGISTRY.values() for p in spec.precisions)
 )
-# Settings that say how the extractor ran, beside `precision`: they change the codes
-# by rounding (int8 by more), so codes made otherwise are not the same codes.
-ENGINE_SETTINGS = ("engine", "calibration_images", "calibration_sha256")
-# What stores written before engines existed mean by their missing keys.
-LEGACY_SETTINGS = {
-    "engine": DEFAULT_ENGINE,
-    "calibration_images": None,
-    "calibration_source": None,
-    "calibration_sha256": None,
-}
+# Images an int8 model is calibrated on, unless told otherwise.
+DEFAULT_CALIBRATION_IMAGES = 300
 
 
 def list_engines() -> list[str]:
@@ -100,26 +95,88 @@ def list_engines() -> list[str]:
 
 def get_engine(name: str) -> EngineSpec:
     """The spec registered under `name`."""
-    if name not in _REGISTRY:
-        raise TLError(f"Unknown engine {name!r}; choose one of {', '.join(_REGISTRY)}.")
-    return _REGISTRY[name]
+    return _REGISTRY[check_choice("engine", name, _REGISTRY)]
 
 
 def check_engine_precision(engine: str, precision: str) -> None:
-    """Refuse an unknown engine or precision, or a precision the engine lacks,
-    naming the engine that has it."""
-    spec = get_engine(engine)
-    if precision not in PRECISIONS:
-        raise TLError(
-            f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
-        )
-    if precision not in spec.precisions:
-        others = [s.name for s in _REGISTRY.values() if precision in s.precisions]
-        raise TLError(
-            f"The {engine} engine has no {precision} precision (it has "
-            f"{', '.join(spec.precisions)}); {precision} runs with --engine "
-            f"{' or '.join(others)}."
-        )
+    """Refuse an unknown precision, or one the engine lacks, naming the engine that
+    has it."""
+    check_choice("precision", precision, PRECISIONS)
+    others = [s.name for s in _REGISTRY.values() if precision in s.precisions]
+    check_choice(
+        "precision",
+        precision,
+        get_engine(engine).precisions,
+        advice=f"The {engine} engine has no {precision}: it runs with --engine "
+        f"{' or '.join(others)}.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings(FlatSettings):
+    """What runs the extractor, and what an int8 model is calibrated on: part of
+    every extraction, stored flat beside the other settings (`engine`,
+    `calibration_images`, `calibration_source`).
+
+    The compute precision is the backbone's (`BackboneSettings.precision`), shared
+    with fine-tuning; `ExtractionSettings` checks that the engine has it
+    (`for_precision`). A field added here is stored, read back, offered as an
+    override and, but for the calibration source (named by the SHA-256 of its
+    sample instead), part of the codes' identity (`tl.provenance`).
+
+    Attributes:
+        name: registry name (`list_engines()`): `keras` (the reference) or
+            `openvino`.
+        calibration_images: int8 only: the number of images to calibrate on
+            (`DEFAULT_CALIBRATION_IMAGES` when None).
+        calibration_source: int8 only: the folder or CSV of training images to draw
+            them from, made absolute; `tl.extract` defaults it to its source.
+    """
+
+    name: str = DEFAULT_ENGINE
+    calibration_images: int | None = None
+    calibration_source: str | None = None
+
+    JSON_NAMES: ClassVar[dict[str, str]] = {"name": "engine"}
+
+    def __post_init__(self):
+        get_engine(self.name)
+        if self.calibration_images is not None:
+            check_interval(
+                "calibration_images",
+                self.calibration_images,
+                low=1,
+                integer=True,
+                advice=f"About {DEFAULT_CALIBRATION_IMAGES} is usual.",
+            )
+        if self.calibration_source is not None:
+            source = Path(self.calibration_source).expanduser().resolve()
+            object.__setattr__(self, "calibration_source", str(source))
+
+    @property
+    def spec(self) -> EngineSpec:
+        return get_engine(self.name)
+
+    def for_precision(self, precision: str) -> EngineSettings:
+        """These settings checked against the compute `precision`: refused when the
+        engine lacks it, or when calibration is given for another precision than
+        int8; for int8 the number of calibration images filled in."""
+        check_engine_precision(self.name, precision)
+        if precision == "int8":
+            if self.calibration_images is not None:
+                return self
+            return dataclasses.replace(
+                self, calibration_images=DEFAULT_CALIBRATION_IMAGES
+            )
+        for name in ("calibration_images", "calibration_source"):
+            if getattr(self, name) is not None:
+                raise ParameterError(
+                    name,
+                    "given with the 'int8' precision only",
+                    getattr(self, name),
+                    f"The precision is {precision!r}, which is not calibrated.",
+                )
+        return self
 
 
 def missing_packages(engine: str) -> list[str]:
@@ -162,11 +219,11 @@ class CompileRequest:
 
 @dataclasses.dataclass
 class CompiledExtractor:
-    """An extractor ready to run: `run(pixels)` maps a batch of RGB pixels in
+    """An extractor ready to run: `codes_of(pixels)` maps a batch of RGB pixels in
     [0, 255], (N, H, W, 3) float32, to `{layer: codes}` numpy arrays; `provenance`
     says how (engine, versions, cache entry, int8 check), for the feature store."""
 
-    run: Callable[[Any], dict[str, np.ndarray]]
+    codes_of: Callable[[Any], dict[str, np.ndarray]]
     provenance: dict[str, Any]
 
 

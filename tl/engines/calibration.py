@@ -23,36 +23,10 @@ from tl.backbones import sha256_of_file
 from tl.errors import TLError
 from tl.images import ImageSettings, image_batches, index_images
 
-DEFAULT_CALIBRATION_IMAGES = 300
 # Images kept out of the calibration sample to compare int8 with float32 codes: at
 # most this many, and at most a fifth of the source.
 HELD_BACK_IMAGES = 64
 _SEED = 0
-
-
-def check_calibration(
-    precision: str, images: int | None, source: str | Path | None
-) -> tuple[int | None, str | None]:
-    """The calibration settings as stored: the image count (default
-    `DEFAULT_CALIBRATION_IMAGES`) and the absolute source path for int8, None and
-    None for every other precision, which is not calibrated."""
-    if precision != "int8":
-        return None, None
-    images = DEFAULT_CALIBRATION_IMAGES if images is None else images
-    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
-        raise TLError(
-            f"The number of calibration images must be a positive integer, got "
-            f"{images!r}; about {DEFAULT_CALIBRATION_IMAGES} is usual."
-        )
-    if source is None:
-        return images, None
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise TLError(
-            f"Calibration source {str(source)!r} does not exist; give the folder (or "
-            f"CSV) of the training images."
-        )
-    return images, str(path.resolve())
 
 
 def stratified_order(labels: np.ndarray, seed: int = _SEED) -> np.ndarray:
@@ -89,7 +63,7 @@ class Calibration:
         return {
             "images": len(self.calibration_paths),
             "sha256": self.sha256,
-            "image_settings": dataclasses.asdict(self.image_settings),
+            "image_settings": self.image_settings.to_json(),
         }
 
     def _pixels(self, paths, batch_size: int) -> Iterator[np.ndarray]:
@@ -117,6 +91,11 @@ def sample_calibration(
     class folders (or CSV labels) if it has any, and up to `HELD_BACK_IMAGES` others
     to check with. It depends on the source alone, so that a test folder extracted
     with `--calibration-source TRAIN` gets the training run's very sample."""
+    if not Path(source).exists():
+        raise TLError(
+            f"Calibration source {str(source)!r} does not exist; give the folder (or "
+            f"CSV) of the training images (--calibration-source)."
+        )
     index = index_images(source)
     order = stratified_order(index.labels)
     held = min(HELD_BACK_IMAGES, len(index) // 5)

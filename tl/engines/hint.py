@@ -25,14 +25,14 @@ _WORTH_IT = 1.3
 
 
 def seconds_per_image(
-    run: Callable[[Any], dict], images: np.ndarray, repeats: int = 1
+    codes_of: Callable[[Any], dict], images: np.ndarray, repeats: int = 1
 ) -> float:
     """The best of `repeats` timed runs on `images`, after one warm-up run."""
-    run(images)
+    codes_of(images)
     best = float("inf")
     for _ in range(repeats):
         began = time.perf_counter()
-        run(images)
+        codes_of(images)
         best = min(best, time.perf_counter() - began)
     return best / len(images)
 
@@ -65,10 +65,10 @@ def measured_speed_hint(extractor, paths: Sequence[str]) -> str | None:
     runners = load_engine("openvino").trial_runners(
         extractor.model, extractor.model_identity(), images
     )
-    now = seconds_per_image(extractor.compiled.run, images)
+    now = seconds_per_image(extractor.compiled.codes_of, images)
     speedups = {
-        precision: now / seconds_per_image(run, images)
-        for precision, run in runners.items()
+        precision: now / seconds_per_image(codes_of, images)
+        for precision, codes_of in runners.items()
     }
     if max(speedups.values()) < _WORTH_IT:
         return None

@@ -15,33 +15,27 @@ import tensorflow as tf
 from tl.engines import CompiledExtractor, CompileRequest
 
 
-def compiled_extractor(model: keras.Model) -> Callable:
-    """`model` as a graph function over any batch size (traced once)."""
-    height, width = model.input_shape[1:3]
+def compiled_extractor(extractor: keras.Model) -> Callable:
+    """The extractor as a graph function over any batch size (traced once)."""
+    height, width = extractor.input_shape[1:3]
 
     @tf.function(
         input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)],
         reduce_retracing=True,
     )
-    def run(images):
-        return model(images, training=False)
+    def codes_of(images):
+        return extractor(images, training=False)
 
-    return run
+    return codes_of
 
 
 def compile_extractor(model: keras.Model, request: CompileRequest) -> CompiledExtractor:
     """The extractor as a graph function returning numpy codes."""
     graph = compiled_extractor(model)
 
-    def run(images) -> dict[str, np.ndarray]:
+    def codes_of(images) -> dict[str, np.ndarray]:
         return {key: value.numpy() for key, value in graph(images).items()}
 
     return CompiledExtractor(
-        run,
-        {
-            "engine": "keras",
-            "precision": request.precision,
-            "keras_version": keras.__version__,
-            "tensorflow_version": tf.__version__,
-        },
+        codes_of, {"engine": "keras", "precision": request.precision}
     )

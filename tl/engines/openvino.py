@@ -146,11 +146,11 @@ def compiled(model: ov.Model, precision: str) -> ov.CompiledModel:
 def _runner(model: ov.CompiledModel) -> Callable[[Any], dict[str, np.ndarray]]:
     names = [output.get_any_name() for output in model.outputs]
 
-    def run(images) -> dict[str, np.ndarray]:
+    def codes_of(images) -> dict[str, np.ndarray]:
         results = model(np.asarray(images, np.float32))
         return {name: results[i] for i, name in enumerate(names)}
 
-    return run
+    return codes_of
 
 
 class _Reiterable:
