@@ -79,8 +79,9 @@ from tl.classifiers import (
     SavedClassifier,
     load_classifier,
 )
+from tl.engines.keras import compiled_extractor
 from tl.errors import TLError
-from tl.features import ExtractionSettings, compiled_extractor
+from tl.features import ExtractionSettings
 from tl.images import (
     ImageIndex,
     ImageSettings,
@@ -99,7 +100,12 @@ from tl.model_folder import (
     unreadable,
 )
 from tl.precision import compute_policy
-from tl.provenance import identity_differences, layer_identity, library_versions
+from tl.provenance import (
+    INFERENCE_KEYS,
+    identity_differences,
+    layer_identity,
+    library_versions,
+)
 from tl.reports import (
     classification_metrics,
     metric_rows,
@@ -651,8 +657,8 @@ def check_init_head(
 
     The codes must come from the same backbone, weights (by SHA-256), image size,
     resize, interpolation and antialiasing, at the backbone's final layer with the
-    model's global pooling. (The compute precision may differ: it changes codes by
-    rounding.)
+    model's global pooling. (The compute precision and engine may differ: they change
+    codes by rounding.)
     """
     settings = settings.resolved()
     ours = layer_identity(
@@ -663,7 +669,7 @@ def check_init_head(
         {"layer": net.final_layer, "pooling": settings.pooling},
     )
     differences = identity_differences(
-        saved.identity, ours, ignore=("precision",), names=("probe has", "this model")
+        saved.identity, ours, ignore=INFERENCE_KEYS, names=("probe has", "this model")
     )
     if differences:
         hint = ""
