@@ -12,16 +12,17 @@ DEMO_WEIGHTS := features/vgg16_hed_notop.weights.h5
 WEIGHTS ?= $(DEMO_WEIGHTS)
 DEMO_DATA := data/shapes
 
-.PHONY: demo experiment test test-all test-dask bench lint clean
+.PHONY: demo experiment test test-all bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# The tests of the OpenVINO engine run only with its extra; CI runs them all.
-$(VENV)/.openvino-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[openvino]'
+# The tests of the optional engines and schedulers (OpenVINO, Dask) run only with
+# their extras, which the tests install; without them those tests skip.
+$(VENV)/.extras-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[openvino,dask]'
 	touch $@
 
 $(VENV)/.demo-installed: $(VENV)/.installed
@@ -49,16 +50,11 @@ experiment: $(VENV)/.installed $(DEMO_DATA) $(DEMO_WEIGHTS)
 
 # `make test` leaves out the tests marked slow (every backbone beyond the smallest of
 # each family); `make test-all` runs them too.
-test: $(VENV)/.openvino-installed
+test: $(VENV)/.extras-installed
 	$(PY) -m pytest
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.extras-installed
 	$(PY) -m pytest -m "slow or not slow"
-
-# The Dask tests (tests/test_distributed.py) skip without the extra; this installs it.
-test-dask: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dask]'
-	$(PY) -m pytest tests/test_distributed.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
