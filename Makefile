@@ -12,7 +12,7 @@ DEMO_WEIGHTS := features/vgg16_hed_notop.weights.h5
 WEIGHTS ?= $(DEMO_WEIGHTS)
 DEMO_DATA := data/shapes
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo experiment test test-all bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ demo: $(VENV)/.installed $(DEMO_DATA) $(if $(filter $(DEMO_WEIGHTS),$(WEIGHTS)),
 	$(PY) -c "from tl.synthetic import make_shapes_dataset as m; m('data/shapes_new', per_class=3, seed=1)"
 	$(PY) predict.py results/shapes/best_model data/shapes_new -o results/shapes/predictions.csv
 
+# The README's experiment: two backbones x three layers x three classifiers, low-shot
+# curves and a fine-tune, on the demo's images and weights (examples/shapes.toml).
+experiment: $(VENV)/.installed $(DEMO_DATA) $(DEMO_WEIGHTS)
+	$(PY) run_experiment.py examples/shapes.toml
+
 # `make test` leaves out the tests marked slow (every backbone beyond the smallest of
 # each family); `make test-all` runs them too.
 test: $(VENV)/.extras-installed
@@ -60,4 +65,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/classifiers.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) data/shapes_new features/*.h5 results
+	rm -rf $(VENV) $(DEMO_DATA) data/shapes_new features/*.h5 features/cache results experiments

@@ -169,7 +169,8 @@ def test_unexpected_os_errors_are_one_line_naming_the_file(capsys):
         ),
         (
             "fine_tune",
-            ["--unfreeze", "1.5"],
+            # random weights train from scratch, which unfreezes everything
+            ["--unfreeze", "1.5", "--no-from-scratch"],
             "error: The --unfreeze option must be in (0, 1]. Got 1.5 instead. To "
             "train the head only, pass --epochs 0.",
         ),

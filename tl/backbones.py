@@ -582,6 +582,95 @@ def resolve_layers(taps: list[Tap], requested: list[str], backbone: str) -> list
     return resolved
 
 
+# ---------------------------------------------------------------------------------
+# Layer ranges: the top of a backbone, from a block, a layer or a fraction up
+
+
+def layer_fraction(text: str) -> float | None:
+    """`text` as a number when it is one (`0.3`), else None (a layer name)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _numbered_alias(alias: str) -> tuple[str, int] | None:
+    match = re.fullmatch(r"(.*?)(\d+)", alias)
+    return (match[1], int(match[2])) if match else None
+
+
+def layers_from(model: keras.Model, spec: BackboneSpec, start: str) -> list:
+    """The layers of `model` from `start` up, in topological order.
+
+    A numbered alias (`conv5`, `block5`, `stage4`) starts at its block, the layer
+    after the previous alias of the same kind (`conv4`); `last` starts at the final
+    block (the family's alias when there is one, else the last stage). A Keras layer
+    name starts at that layer, `all` at the first layer, a fraction F at the top F of
+    the layers with weights.
+
+    Raises:
+        TLError: for an unknown name, or a selection with no weights to train.
+    """
+    layers = [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    fraction = layer_fraction(start)
+    if start == "all":
+        first = 0
+    elif fraction is not None:
+        weighted = [i for i, layer in enumerate(layers) if layer.weights]
+        first = weighted[-math.ceil(fraction * len(weighted))]
+    else:
+        taps = layer_taps(model, spec)
+        position = {tap.layer: i for i, tap in enumerate(taps)}
+        by_alias = {alias: tap for tap in taps for alias in tap.aliases}
+        if start in by_alias:
+            numbered = [
+                _numbered_alias(alias)
+                for alias in [start, *by_alias[start].aliases]
+                if _numbered_alias(alias)
+            ]
+            numbered.sort(key=lambda alias: alias[0] == "stage")  # family first
+            prefix, number = numbered[0]
+            previous = by_alias.get(f"{prefix}{number - 1}")
+            first = position[previous.layer] + 1 if previous else 0
+        elif start in position:
+            first = position[start]
+        else:
+            try:
+                resolve_layers(taps, [start], spec.name)  # raises, listing names
+            except TLError as error:
+                raise TLError(
+                    f"{error} Or pass all, or a fraction such as 0.3."
+                ) from None
+    selected = layers[first:]
+    if not any(layer.weights for layer in selected):
+        names = ", ".join(layer.name for layer in selected)
+        raise TLError(
+            f"{start!r} selects {names} of {spec.name}, which have no weights to "
+            f"train. Choose an earlier block (see --list-layers {spec.name})."
+        )
+    return selected
+
+
+def cut_below(model: keras.Model, layer: str) -> str | None:
+    """The deepest layer before `layer` that every path from the input to the output
+    goes through (see `_cut_points`): the output of the part of `model` below
+    `layer` is that layer's output alone. None when there is none (`layer` comes
+    first)."""
+    layers = [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    names = [item.name for item in layers]
+    cuts = _cut_points(layers)
+    below = [name for name in names[: names.index(layer)] if name in cuts]
+    return below[-1] if below else None
+
+
 def describe_backbones() -> str:
     """A table of the registry: name, default input size, preprocessing, family."""
     lines = [f"{'backbone':<20} {'size':>5}  {'preprocessing':<14} family"]

@@ -153,6 +153,7 @@ def add_backbone_options(
     engine: EngineSettings | None = None,
     backbone_help: str = "backbone name (see --list-backbones)",
     seed_help: str = "random initialisation seed (--weights none)",
+    weights_help: str = "imagenet, none (random, for tests) or a weights file",
 ) -> None:
     """-b/--backbone, -w/--weights, --precision and --seed on `parser` (or one of
     its argument groups), their defaults from `defaults`; with `engine`, the engine
@@ -162,7 +163,7 @@ def add_backbone_options(
         "-w",
         "--weights",
         default=defaults.weights,
-        help="imagenet, none (random, for tests) or a weights file",
+        help=weights_help,
     )
     add_precision_option(parser, defaults.precision, engines=engine is not None)
     parser.add_argument("--seed", type=int, default=defaults.seed, help=seed_help)

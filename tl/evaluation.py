@@ -464,6 +464,25 @@ def _search(
     )
 
 
+def choose_hyperparameters(
+    classifier: str, X, y: np.ndarray, settings: ComparisonSettings
+) -> tuple[dict, list[float]]:
+    """Hyper-parameters for `classifier` on training rows, chosen as `compare`
+    chooses them: stratified k-fold CV (k at most the smallest class's count) on at
+    most `search_rows` rows.
+
+    Returns:
+        The chosen parameters and their fold scores; `({}, [])` (the defaults) when
+        a class has fewer than 2 rows.
+    """
+    folds = min(settings.folds, int(np.unique(y, return_counts=True)[1].min()))
+    if folds < 2:
+        return {}, []
+    rows = _subsample(np.arange(len(y)), y, settings.search_rows, settings.seed)
+    found = _search(classifier, X[rows], y[rows], folds, settings)
+    return found.params, found.fold_scores
+
+
 def _parallel_backend(client):
     if client is None:
         return contextlib.nullcontext()
@@ -479,7 +498,9 @@ def _selection_key(fold_scores: list[float]) -> tuple[float, float]:
     return float(np.mean(fold_scores)), -float(np.std(fold_scores))
 
 
-def _fit(classifier: str, params: dict, X, y, settings) -> tuple[Pipeline, float]:
+def fit_pipeline(
+    classifier: str, params: dict, X, y, settings
+) -> tuple[Pipeline, float]:
     """Fit the pipeline with `params` on all of X; returns it and the seconds taken."""
     pipeline = _pipeline(classifier, settings, params)
     began = time.perf_counter()
@@ -671,7 +692,7 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
                 test_rows = data.test_rows if test is None else data.rows[test]
                 predicted = _predict_rows(source, layer, test_rows, pipeline)
             else:
-                pipeline, seconds = _fit(
+                pipeline, seconds = fit_pipeline(
                     name, found.params, X[train], y_train, settings
                 )
                 predicted = pipeline.predict(X_test)
@@ -809,7 +830,7 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, tuple, dict]
                     settings,
                     data.client,
                 )
-                pipeline, seconds = _fit(
+                pipeline, seconds = fit_pipeline(
                     name, found.params, X[train], data.labels[train], settings
                 )
                 predicted = pipeline.predict(X[test])
@@ -986,7 +1007,9 @@ def _finish_nested(data, layers, settings, bar) -> ComparisonResult:
     )
     best = next(c for c in candidates if (c.layer, c.classifier) == (layer, name))
     X = as_features(data.store.read(layer))[data.rows]
-    best.pipeline, best.fit_seconds = _fit(name, found.params, X, data.labels, settings)
+    best.pipeline, best.fit_seconds = fit_pipeline(
+        name, found.params, X, data.labels, settings
+    )
     final_selection = {
         "layer": layer,
         "classifier": name,

@@ -164,13 +164,14 @@ def codes_identity(
     del values["pooling"]  # one pooling per layer, in `layers`
     if index is not None:
         values["class_names"] = list(index.class_names)
-        values["images"] = _images_identity(index, hash_content)
+        values["images"] = images_identity(index, hash_content)
     return Identity.of(values)
 
 
-def _images_identity(index: ImageIndex, hash_content: bool) -> list[list]:
+def images_identity(index: ImageIndex, hash_content: bool = False) -> list[list]:
     """Per image: relative path, label, then size and mtime (ns) or the SHA-256 of
-    its bytes; None for a file that cannot be read (it will be skipped)."""
+    its bytes; None for a file that cannot be read (it will be skipped). The
+    images' part of `codes_identity`, and what identifies a fine-tuning's data."""
     from tl.backbones import sha256_of_file
 
     rows = []

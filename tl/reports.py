@@ -55,11 +55,14 @@ def metric_rows(metrics: dict[str, float], **keys) -> list[dict]:
     return [{**base, "metric": name, "value": value} for name, value in metrics.items()]
 
 
-def write_results(rows: list[dict], directory: str | Path) -> pd.DataFrame:
-    """Write tidy rows to `results.csv` and `results.json` in `directory`."""
+def write_results(
+    rows: list[dict], directory: str | Path, columns: list[str] = RESULT_COLUMNS
+) -> pd.DataFrame:
+    """Write tidy rows to `results.csv` and `results.json` in `directory` (the
+    `RESULT_COLUMNS`, or `columns` that extend them)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    table = pd.DataFrame(rows, columns=columns)
     table.to_csv(directory / "results.csv", index=False)
     (directory / "results.json").write_text(
         json.dumps(table.to_dict(orient="records"), indent=1, default=str)
@@ -329,3 +332,117 @@ def write_report(
     (directory / "run.json").write_text(json.dumps(summary, indent=2, default=str))
     written["run"] = directory / "run.json"
     return written
+
+
+# ---------------------------------------------------------------------------------
+# Plots of an experiment (tl.experiment): several backbones, probes and fine-tunes
+
+
+def plot_accuracy_by_depth(table: pd.DataFrame, path: str | Path) -> Path:
+    """Test accuracy against relative layer depth (0: input, 1: the backbone's last
+    layer), one line per backbone × classifier (× pooling when several).
+
+    Args:
+        table: one row per probe: backbone, layer, pooling, classifier, depth,
+            test_accuracy.
+    """
+    figure = _figure(7.5, 4.5)
+    axis = figure.subplots()
+    several_poolings = table.groupby("backbone").pooling.nunique().max() > 1
+    keys = ["backbone", "classifier", *(["pooling"] if several_poolings else [])]
+    markers = "osD^vP*X"
+    for number, (names, part) in enumerate(table.groupby(keys, sort=False)):
+        part = part.sort_values("depth")
+        backbone_number = list(dict.fromkeys(table.backbone)).index(names[0])
+        axis.plot(
+            part.depth,
+            part.test_accuracy,
+            marker=markers[backbone_number % len(markers)],
+            color=f"C{number % 10}",
+            label=" / ".join(map(str, names)),
+        )
+    for (_, layer), part in table.groupby(["backbone", "layer"], sort=False):
+        axis.annotate(
+            layer,
+            (part.depth.iloc[0], part.test_accuracy.max()),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+            color="0.35",
+        )
+    axis.set_xlim(-0.02, 1.08)
+    axis.set_xlabel("layer depth (fraction of the backbone's layers)")
+    axis.set_ylabel("test accuracy")
+    axis.set_title("Accuracy against layer depth")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_probe_vs_finetune(table: pd.DataFrame, path: str | Path) -> Path:
+    """Per backbone: its best probe (by the ranking) against each of its fine-tunes,
+    test accuracy with the 95% interval.
+
+    Args:
+        table: the experiment's leaderboard (rank order), with test_ci_low/high.
+    """
+    bars = []
+    for backbone, part in table.groupby("backbone", sort=False):
+        probes = part[part.strategy == "probe"]
+        if len(probes):
+            best = probes.iloc[0]
+            bars.append((backbone, f"probe {best.layer}\n{best.classifier}", best))
+        for _, row in part[part.strategy != "probe"].iterrows():
+            bars.append((backbone, f"{row.strategy}\nunfreeze {row.layer}", row))
+    figure = _figure(max(5.0, 1.2 * len(bars) + 2), 4.5)
+    axis = figure.subplots()
+    backbones = list(dict.fromkeys(backbone for backbone, _, _ in bars))
+    for x, (backbone, _, row) in enumerate(bars):
+        accuracy = row.test_accuracy
+        axis.bar(
+            x,
+            accuracy,
+            color=f"C{backbones.index(backbone) % 10}",
+            hatch="" if row.strategy == "probe" else "//",
+            yerr=[[accuracy - row.test_ci_low], [row.test_ci_high - accuracy]],
+            capsize=4,
+        )
+    axis.set_xticks(
+        range(len(bars)),
+        [f"{backbone}\n{label}" for backbone, label, _ in bars],
+        fontsize=7,
+    )
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("test accuracy (95% interval)")
+    axis.set_title("Best probe against fine-tuning, per backbone")
+    axis.grid(alpha=0.3, axis="y")
+    figure.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_step_times(times: pd.DataFrame, path: str | Path) -> Path:
+    """Seconds each step took when it was computed; hatched: reused by this run.
+
+    Args:
+        times: one row per step: title, kind, seconds, reused.
+    """
+    figure = _figure(8, max(2.5, 0.22 * len(times) + 1.2))
+    axis = figure.subplots()
+    kinds = list(dict.fromkeys(times.kind))
+    y = range(len(times))
+    axis.barh(
+        y,
+        times.seconds,
+        color=[f"C{kinds.index(kind)}" for kind in times.kind],
+        hatch=["//" if reused else "" for reused in times.reused],
+        edgecolor="white",
+    )
+    axis.set_yticks(y, times.title, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds (hatched: computed by an earlier run, reused)")
+    axis.set_title("Time per step")
+    axis.grid(alpha=0.3, axis="x")
+    figure.savefig(path, dpi=110)
+    return Path(path)

@@ -16,11 +16,11 @@ from tl.engines import CompiledExtractor, CompileRequest
 
 
 def compiled_extractor(extractor: keras.Model) -> Callable:
-    """The extractor as a graph function over any batch size (traced once)."""
-    height, width = extractor.input_shape[1:3]
+    """The extractor (or any one-input model) as a graph function over any batch
+    size, in inference mode (traced once)."""
 
     @tf.function(
-        input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)],
+        input_signature=[tf.TensorSpec([None, *extractor.input_shape[1:]], tf.float32)],
         reduce_retracing=True,
     )
     def codes_of(images):
