@@ -137,7 +137,7 @@ def work_counter(monkeypatch) -> Counted:
     """Counts extractor builds, classifier searches and fits, and training epochs."""
     counted = Counted(monkeypatch)
     counted.watch(tl.features, "load_extractor")
-    counted.watch(tl.evaluation, "_search")
+    counted.watch(tl.evaluation, "cv_search")
     counted.watch(tl.evaluation, "_fit")
     counted.watch(keras.Model, "fit")
     return counted

@@ -394,7 +394,9 @@ def _subsample(
 
 
 @dataclasses.dataclass
-class _Search:
+class CVSearch:
+    """The best hyper-parameters of a grid search and their fold accuracies."""
+
     params: dict
     fold_scores: list[float]
 
@@ -415,8 +417,11 @@ def _pipeline(
     )
 
 
-def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> _Search:
-    """Grid search by stratified k-fold CV: best parameters and their fold scores."""
+def cv_search(
+    classifier: str, X, y, folds: int, settings: ComparisonSettings
+) -> CVSearch:
+    """Grid search by stratified k-fold CV: best parameters and their fold scores
+    (the comparison's search, and the advisor's)."""
     if settings.pca and settings.pca > min(X.shape[1], len(X) - len(X) // folds):
         raise TLError(
             f"--pca {settings.pca} is more than the codes allow: {X.shape[1]} "
@@ -437,7 +442,7 @@ def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> 
         search.fit(X, y)
     best = search.best_index_
     results = search.cv_results_
-    return _Search(
+    return CVSearch(
         {k.removeprefix("classifier__"): v for k, v in results["params"][best].items()},
         [float(results[f"split{k}_test_score"][best]) for k in range(folds)],
     )
@@ -627,7 +632,7 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
             )
         for name in names:
             bar.set_postfix_str(f"{layer} {name}")
-            found = _search(
+            found = cv_search(
                 name, X_search, data.labels[search_rows], data.folds, settings
             )
             if out_of_core:
@@ -768,7 +773,7 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, tuple, dict]
                 search_rows = _subsample(
                     train, data.labels, settings.search_rows, settings.seed
                 )
-                found = _search(
+                found = cv_search(
                     name,
                     X[search_rows],
                     data.labels[search_rows],
@@ -791,7 +796,7 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, tuple, dict]
                     seed=settings.seed,
                 )
                 bar.update()
-            final[(layer, name)] = _search(
+            final[(layer, name)] = cv_search(
                 name, X[final_rows], data.labels[final_rows], inner_folds, settings
             )
             bar.update()
