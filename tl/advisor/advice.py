@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 
 from tl.advisor import rules
 from tl.advisor.measure import (
+    MIN_PER_CLASS,
     DatasetCounts,
     HeadConfidence,
     LearningCurve,
@@ -103,7 +105,7 @@ def advise(
     if isinstance(backbone, str):
         backbone = BackboneSettings(backbone)
     image = (image or ImageSettings()).resolved(backbone.spec)
-    index = _labelled(data)
+    index = _labelled(data, test is None)
     for option, path in (("test", test), ("head_weights", head_weights)):
         if path is not None and not Path(path).expanduser().exists():
             raise TLError(f"{option} {str(path)!r} does not exist.")
@@ -180,8 +182,12 @@ def _say(text: str) -> None:
 # Inputs
 
 
-def _labelled(data: str | Path) -> ImageIndex:
-    """The labelled images of `data`: at least two classes."""
+def _labelled(data: str | Path, held_out: bool) -> ImageIndex:
+    """The labelled images of `data`: at least two classes, each with enough
+    images for a CV'd probe (and, when the test images are `held_out` from them,
+    one of every five to test)."""
+    from tl.experiment.spec import DEFAULT_TEST_SIZE
+
     index = index_images(data)
     if not index.class_names:
         raise TLError(
@@ -192,6 +198,18 @@ def _labelled(data: str | Path) -> ImageIndex:
         raise TLError(
             f"{str(data)!r} has one class ({index.class_names[0]!r}); the advisor "
             f"needs at least two, one sub-folder (or CSV label) each."
+        )
+    needed = math.ceil(1 / DEFAULT_TEST_SIZE) if held_out else MIN_PER_CLASS
+    counts = np.bincount(index.labels, minlength=len(index.class_names))
+    if counts.min() < needed:
+        name = index.class_names[int(counts.argmin())]
+        why = f"{MIN_PER_CLASS} for a cross-validated probe" + (
+            f", and {DEFAULT_TEST_SIZE:.0%} held out to test" if held_out else ""
+        )
+        raise TLError(
+            f"Class {name!r} of {str(data)!r} has {counts.min()} image(s); the "
+            f"advisor needs at least {needed} of each class ({why}). Add images"
+            + (" or give --test images." if held_out else ".")
         )
     return index
 
@@ -537,5 +555,4 @@ def run_comparison(advice: Advice, progress: bool = True) -> rules.Outcome:
     values.update(report=str(result.report), outcome=advice.outcome.to_json())
     advice.advice_json.write_text(json.dumps(values, indent=1, default=str))
     _say(f"outcome: {advice.outcome.text}")
-    _say(f"report: {result.report}")
     return advice.outcome
