@@ -333,7 +333,6 @@ def _probe_stages(
             [(alias, tap.layer, tap.depth / final) for alias, tap in stages],
             folds,
             seed,
-            announce=_say,
         )
         best = max(scores, key=lambda s: (s.mean, -s.std, s.depth))
         curve = learning_curve(

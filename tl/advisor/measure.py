@@ -282,7 +282,6 @@ def profile_stages(
     stages: Sequence[tuple[str, str, float]],
     folds: int,
     seed: int,
-    announce: Callable[[str], None] = lambda text: None,
 ) -> list[StageScore]:
     """The probe of each stage, given as (alias, layer, depth); `read(layer)`
     returns its codes as a 2-D matrix."""
@@ -290,7 +289,6 @@ def profile_stages(
     for alias, layer, depth in stages:
         X = read(layer)
         score = probe(X, y, folds, seed)
-        announce(f"  {alias:<8} {layer:<24} {score.mean:.3f} ± {score.std:.3f}")
         scores.append(StageScore(alias, layer, depth, X.shape[1], score))
     return scores
 

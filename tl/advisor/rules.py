@@ -143,7 +143,17 @@ def similarity_verdict(
     )
     if best is last:
         value, close = "similar", False
-        reasons = [f"{last.alias} is the best stage ({profile}): similar"]
+        runner_up = max(stages[:-1], key=lambda s: (s.mean, -s.std), default=None)
+        versus = (
+            f"; the best earlier stage, {runner_up.alias}, "
+            f"{runner_up.mean:.3f} ± {runner_up.std:.3f}"
+            if runner_up
+            else ""
+        )
+        reasons = [
+            f"{last.alias} is the best stage, {last.mean:.3f} ± {last.std:.3f}"
+            f"{versus}: similar"
+        ]
     elif gap > spread:
         value, close = "different", False
         reasons = [f"an earlier stage beats the top beyond the spread ({profile})"]
