@@ -12,7 +12,7 @@ DEMO_WEIGHTS := features/vgg16_hed_notop.weights.h5
 WEIGHTS ?= $(DEMO_WEIGHTS)
 DEMO_DATA := data/shapes
 
-.PHONY: demo experiment test test-all bench lint clean
+.PHONY: demo experiment test test-all test-dask bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -m "slow or not slow"
+
+# The Dask tests (tests/test_distributed.py) skip without the extra; this installs it.
+test-dask: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dask]'
+	$(PY) -m pytest tests/test_distributed.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .

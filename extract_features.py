@@ -104,6 +104,12 @@ def build_parser() -> cli.ArgumentParser:
         metavar="SHARD",
         help="join complete shard files into --output and exit",
     )
+    cli.add_dask_option(run)
+    run.add_argument(
+        "--keep-shards",
+        action="store_true",
+        help="with --dask: keep the shard stores (<output>.shards/) after the merge",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cli.add_info_options(parser)
     return parser
@@ -118,11 +124,31 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+def _check_dask_options(args: argparse.Namespace) -> None:
+    if args.keep_shards and not args.dask:
+        raise TLError("--keep-shards goes with --dask (the shards of a Dask run).")
+    clash = [
+        flag
+        for flag, given in (
+            ("--shard", args.shard),
+            ("--merge", args.merge),
+            ("--resume", args.resume),
+        )
+        if given
+    ]
+    if args.dask and clash:
+        raise TLError(
+            f"--dask splits, resumes and merges shards itself; drop {clash[0]} (re-run "
+            f"the same --dask command to resume it)."
+        )
+
+
 def _command(args: argparse.Namespace) -> int:
     from tl import features, store
 
     if cli.handle_info(args):
         return 0
+    _check_dask_options(args)
     options = {"batch_size": args.batch_size, "progress": not args.quiet}
     if args.merge:
         if not args.output:
@@ -153,6 +179,8 @@ def _command(args: argparse.Namespace) -> int:
             compression=None if args.compression == "none" else args.compression,
             shard=_shard(args.shard),
             overwrite=args.overwrite,
+            client=args.dask,
+            keep_shards=args.keep_shards,
             **options,
         )
     print(

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Fine-tune a pretrained backbone on an image folder, optionally from a linear probe.
+"""Fine-tune a pretrained backbone on an image folder, starting from a linear probe.
 
     python fine_tune.py data/flowers --backbone resnet50 --epochs 10 \\
-        --unfreeze conv5 --init-head results/flowers/best_model \\
-        --output-dir runs/flowers_r50
+        --unfreeze conv5 --output-dir runs/flowers_r50
 
-Stage 1 trains the head on the frozen backbone, stage 2 the head and the unfrozen top
-of the backbone. Re-running the same command resumes an interrupted run. See --help.
+Stage 1 fits a linear probe on the frozen codes and folds it into the head (or trains
+a new head on them), stage 2 trains the head and the unfrozen top of the backbone.
+`--weights none` trains from scratch. Re-running the same command resumes an
+interrupted run. See --help.
 """
 
 from __future__ import annotations
@@ -23,17 +24,22 @@ def build_parser() -> cli.ArgumentParser:
         DEFAULT_DROPOUT,
         DEFAULT_HEAD_EPOCHS,
         GLOBAL_POOLINGS,
+        HEAD_INITS,
         HEADS,
         FineTuneSettings,
     )
+    from tl.finetune.cache import DEFAULT_MEMORY_GB
+    from tl.finetune.settings import DEFAULT_LEARNING_RATE, SCRATCH_LEARNING_RATE
 
     defaults = FineTuneSettings()
     parser = cli.ArgumentParser(
         description="Fine-tune a keras.applications backbone with a new head: stage 1 "
-        "trains the head on the frozen backbone, stage 2 also the unfrozen top of the "
-        "backbone, with warmup and cosine decay. Writes model.keras, training curves "
-        "and a test evaluation in the classifier leaderboard's format. Re-running the "
-        "same command resumes an interrupted run.",
+        "starts the head as a linear probe on the frozen codes (computed once), stage "
+        "2 also trains the unfrozen top of the backbone, with warmup and cosine decay; "
+        "the model kept is never worse on validation than the probe. --weights none "
+        "trains from scratch. Writes model.keras, training curves and a test "
+        "evaluation in the classifier leaderboard's format. Re-running the same "
+        "command resumes an interrupted run.",
     )
     parser.add_argument(
         "source",
@@ -51,6 +57,8 @@ def build_parser() -> cli.ArgumentParser:
         backbone_help="backbone name (see --list-backbones); resnet50 trains at about "
         "a quarter of vgg16's cost per image",
         seed_help="seed of initialisation, splits, shuffling and augmentation",
+        weights_help="imagenet, a weights file, or none: random weights, trained "
+        "from scratch",
     )
     model.add_argument("--pooling", default=defaults.pooling, choices=GLOBAL_POOLINGS)
     model.add_argument("--head", default=defaults.head, choices=HEADS)
@@ -64,21 +72,38 @@ def build_parser() -> cli.ArgumentParser:
         "--dropout",
         type=float,
         default=defaults.dropout,
-        help=f"dropout before the head [0 with --init-head, else {DEFAULT_DROPOUT}]",
+        help=f"dropout before the head [0 for a probe head, else {DEFAULT_DROPOUT}]",
+    )
+    model.add_argument(
+        "--head-init",
+        default=defaults.head_init,
+        choices=HEAD_INITS,
+        help="stage 1: probe (a logistic regression on the frozen codes, C chosen by "
+        "CV, folded exactly into the head) or random (a new head trained for "
+        "--head-epochs on the codes) [probe for a linear head, else random]",
     )
     model.add_argument(
         "--init-head",
         metavar="MODEL_DIR",
         default=defaults.init_head,
         help="start the head from a linear classifier saved by train_classifier.py "
-        "on --layers last codes of the same backbone and weights (LP-FT)",
+        "on --layers last codes of the same backbone and weights (LP-FT) instead of "
+        "fitting one",
+    )
+    model.add_argument(
+        "--from-scratch",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.from_scratch,
+        help="train every layer from random weights, BatchNorm in training mode, "
+        "head and backbone together [with --weights none]; --no-from-scratch "
+        "fine-tunes random weights like pretrained ones (tests)",
     )
     schedule = parser.add_argument_group("schedule")
     schedule.add_argument(
         "--head-epochs",
         type=int,
         default=defaults.head_epochs,
-        help=f"stage 1 epochs, backbone frozen [0 with --init-head, else "
+        help=f"stage 1 epochs on the frozen codes [0 for a probe head, else "
         f"{DEFAULT_HEAD_EPOCHS}]",
     )
     schedule.add_argument(
@@ -109,7 +134,8 @@ def build_parser() -> cli.ArgumentParser:
         metavar="LR",
         type=float,
         default=defaults.learning_rate,
-        help="stage 2 peak learning rate",
+        help=f"stage 2 peak learning rate [{DEFAULT_LEARNING_RATE:g}, "
+        f"{SCRATCH_LEARNING_RATE:g} from scratch]",
     )
     schedule.add_argument(
         "--warmup-epochs",
@@ -121,7 +147,8 @@ def build_parser() -> cli.ArgumentParser:
         "--patience",
         type=int,
         default=defaults.patience,
-        help="stop a stage after this many epochs without a lower val_loss (0: never)",
+        help="stop a stage after this many epochs without a better model on "
+        "validation (0: never)",
     )
     regular = parser.add_argument_group("regularisation")
     regular.add_argument(
@@ -170,6 +197,20 @@ def build_parser() -> cli.ArgumentParser:
         action="store_true",
         help="replace a previous run in --output-dir instead of resuming it",
     )
+    run.add_argument(
+        "--cache-memory",
+        dest="cache_memory_gb",
+        metavar="GB",
+        type=float,
+        default=DEFAULT_MEMORY_GB,
+        help="stage 2's cache (the frozen part's output, or decoded images) stays "
+        "in memory up to this size, else goes to <output-dir>/cache/",
+    )
+    run.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="keep <output-dir>/cache/ after the run",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cli.add_info_options(parser)
     return parser
@@ -198,13 +239,15 @@ def _command(args: argparse.Namespace) -> int:
         test_source=args.test_dir,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        cache_memory_gb=args.cache_memory_gb,
+        keep_cache=args.keep_cache,
     )
     metrics = result.metrics
     best = ""
     if result.best_epoch == -1:
-        best = ", best: the model before training"
+        best = ", kept: the model before training"
     elif result.best_epoch is not None:
-        best = f", best epoch {result.best_epoch + 1}"
+        best = f", kept: epoch {result.best_epoch + 1}"
     print(
         f"{result.directory}: test accuracy {metrics['accuracy']:.4f}, balanced "
         f"accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 "

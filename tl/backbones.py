@@ -10,13 +10,16 @@ weights (`imagenet`, a local file or `none`) and records where they came from;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import math
+import random
 import re
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -280,6 +283,45 @@ def normalize_weights(weights: str | Path | None) -> str:
     return str(path.resolve())
 
 
+_PYTHON_RANDOM = ("random", "randint", "randrange", "getrandbits", "uniform")
+_python_random_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded_python_random(seed: int) -> Iterator[None]:
+    """Python's module-level random functions give this thread the numbers of a
+    generator of its own, seeded with `seed`, for the duration; other threads keep
+    the shared one.
+
+    Keras draws the seed of each weight initializer from Python's shared generator
+    (`random.randint`) as it makes each layer, so a thread that draws numbers
+    meanwhile (the event loop of a Dask worker or client) would change random
+    weights that `seed` must fix. Seeded the same way, the numbers are those the
+    shared generator gives after `random.seed(seed)` in a process of one thread.
+    """
+    own = random.Random(seed)
+    builder = threading.get_ident()
+    with _python_random_lock:  # builds one at a time: no nested replacements
+        shared = {name: getattr(random, name) for name in _PYTHON_RANDOM}
+
+        def dispatch(name: str) -> Callable:
+            mine, theirs = getattr(own, name), shared[name]
+
+            def draw(*args, **kwargs):
+                chosen = mine if threading.get_ident() == builder else theirs
+                return chosen(*args, **kwargs)
+
+            return draw
+
+        for name in _PYTHON_RANDOM:
+            setattr(random, name, dispatch(name))
+        try:
+            yield
+        finally:
+            for name, function in shared.items():
+                setattr(random, name, function)
+
+
 def build_backbone(
     spec: BackboneSpec,
     image_size: tuple[int, int],
@@ -301,7 +343,8 @@ def build_backbone(
 
     Keras' session state is cleared first: auto-generated layer names
     (`activation_12`) then do not depend on what the process built before, so the
-    layer names stored with codes always denote the same layers.
+    layer names stored with codes always denote the same layers. Random weights do
+    not depend on other threads either (see `_seeded_python_random`).
 
     Returns:
         The Keras model (outputs the last feature map) and a record of its weights.
@@ -315,6 +358,7 @@ def build_backbone(
     keras.utils.set_random_seed(seed)
     keras_weights = None if weights == "none" else weights
     with (
+        _seeded_python_random(seed),
         compute_policy(precision),
         recorded_downloads() as calls,
         warnings.catch_warnings(),
@@ -532,6 +576,95 @@ def resolve_layers(taps: list[Tap], requested: list[str], backbone: str) -> list
             )
         resolved.append(tap)
     return resolved
+
+
+# ---------------------------------------------------------------------------------
+# Layer ranges: the top of a backbone, from a block, a layer or a fraction up
+
+
+def layer_fraction(text: str) -> float | None:
+    """`text` as a number when it is one (`0.3`), else None (a layer name)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _numbered_alias(alias: str) -> tuple[str, int] | None:
+    match = re.fullmatch(r"(.*?)(\d+)", alias)
+    return (match[1], int(match[2])) if match else None
+
+
+def layers_from(model: keras.Model, spec: BackboneSpec, start: str) -> list:
+    """The layers of `model` from `start` up, in topological order.
+
+    A numbered alias (`conv5`, `block5`, `stage4`) starts at its block, the layer
+    after the previous alias of the same kind (`conv4`); `last` starts at the final
+    block (the family's alias when there is one, else the last stage). A Keras layer
+    name starts at that layer, `all` at the first layer, a fraction F at the top F of
+    the layers with weights.
+
+    Raises:
+        TLError: for an unknown name, or a selection with no weights to train.
+    """
+    layers = [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    fraction = layer_fraction(start)
+    if start == "all":
+        first = 0
+    elif fraction is not None:
+        weighted = [i for i, layer in enumerate(layers) if layer.weights]
+        first = weighted[-math.ceil(fraction * len(weighted))]
+    else:
+        taps = layer_taps(model, spec)
+        position = {tap.layer: i for i, tap in enumerate(taps)}
+        by_alias = {alias: tap for tap in taps for alias in tap.aliases}
+        if start in by_alias:
+            numbered = [
+                _numbered_alias(alias)
+                for alias in [start, *by_alias[start].aliases]
+                if _numbered_alias(alias)
+            ]
+            numbered.sort(key=lambda alias: alias[0] == "stage")  # family first
+            prefix, number = numbered[0]
+            previous = by_alias.get(f"{prefix}{number - 1}")
+            first = position[previous.layer] + 1 if previous else 0
+        elif start in position:
+            first = position[start]
+        else:
+            try:
+                resolve_layers(taps, [start], spec.name)  # raises, listing names
+            except TLError as error:
+                raise TLError(
+                    f"{error} Or pass all, or a fraction such as 0.3."
+                ) from None
+    selected = layers[first:]
+    if not any(layer.weights for layer in selected):
+        names = ", ".join(layer.name for layer in selected)
+        raise TLError(
+            f"{start!r} selects {names} of {spec.name}, which have no weights to "
+            f"train. Choose an earlier block (see --list-layers {spec.name})."
+        )
+    return selected
+
+
+def cut_below(model: keras.Model, layer: str) -> str | None:
+    """The deepest layer before `layer` that every path from the input to the output
+    goes through (see `_cut_points`): the output of the part of `model` below
+    `layer` is that layer's output alone. None when there is none (`layer` comes
+    first)."""
+    layers = [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    names = [item.name for item in layers]
+    cuts = _cut_points(layers)
+    below = [name for name in names[: names.index(layer)] if name in cuts]
+    return below[-1] if below else None
 
 
 def describe_backbones() -> str:

@@ -150,6 +150,7 @@ def add_backbone_options(
     *,
     backbone_help: str = "backbone name (see --list-backbones)",
     seed_help: str = "random initialisation seed (--weights none)",
+    weights_help: str = "imagenet, none (random, for tests) or a weights file",
 ) -> None:
     """-b/--backbone, -w/--weights, --precision and --seed on `parser` (or one of
     its argument groups), their defaults from `defaults`."""
@@ -160,7 +161,7 @@ def add_backbone_options(
         "-w",
         "--weights",
         default=defaults.weights,
-        help="imagenet, none (random, for tests) or a weights file",
+        help=weights_help,
     )
     parser.add_argument(
         "--precision",
@@ -357,3 +358,13 @@ class ListOption(argparse.Action):
             name = getattr(self.convert, "__name__", repr(self.convert))
             parser.error(f"argument {flags}: invalid {name} value: {trailing[0]!r}")
         getattr(namespace, self.dest).extend(trailing)
+
+
+def add_dask_option(group) -> None:
+    """`--dask CLUSTER`: run the script's parallel work on Dask (`tl.distributed`)."""
+    group.add_argument(
+        "--dask",
+        metavar="CLUSTER",
+        help="run on Dask (pip install 'tl[dask]'): local:N for N worker processes "
+        "on this machine, or a scheduler address such as tcp://host:8786",
+    )

@@ -10,6 +10,7 @@ run left behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -17,6 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -57,6 +59,9 @@ from tl.store import (
     repair_cut_short,
     replacement_path,
 )
+
+if TYPE_CHECKING:  # only with the dask extra
+    from distributed import Client
 
 log = logging.getLogger("tl")
 
@@ -195,11 +200,11 @@ def build_extractor(
 
 
 def compiled_extractor(extractor: keras.Model) -> Callable:
-    """The extractor as a graph function over any batch size (traced once)."""
-    height, width = extractor.input_shape[1:3]
+    """The extractor (or any one-input model) as a graph function over any batch
+    size, in inference mode (traced once)."""
 
     @tf.function(
-        input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)],
+        input_signature=[tf.TensorSpec([None, *extractor.input_shape[1:]], tf.float32)],
         reduce_retracing=True,
     )
     def codes_of(images):
@@ -312,6 +317,12 @@ class Extractor:
             hash_content=hash_content,
         )
 
+    @functools.cached_property
+    def compiled(self) -> Callable:
+        """The model as a graph function (`compiled_extractor`), traced once for all
+        the runs of this extractor (a worker runs one per shard)."""
+        return compiled_extractor(self.model)
+
 
 def load_extractor(settings: ExtractionSettings) -> Extractor:
     """Build the backbone, resolve and check its layers, and wrap the extractor.
@@ -363,7 +374,8 @@ def storage_plan(layer_info: list[dict], images: int) -> list[str]:
     return lines
 
 
-def _check_disk(path: Path, needed: int) -> None:
+def check_disk(path: Path, needed: int) -> None:
+    """Refuse, in one line, to write `needed` bytes beside `path` if they do not fit."""
     folder = path.absolute().parent
     free = shutil.disk_usage(folder).free
     if needed > free:
@@ -417,27 +429,39 @@ def _resume_store(
 ) -> StoreWriter | None:
     repair_cut_short(target)
     with FeatureStore(target, require_complete=False) as existing:
-        differences = identity_differences(
-            ExtractionSettings.with_defaults(existing.settings),
-            extractor.codes_settings(),
-            names=("file has", "this run asks"),
-        )
-        if existing.shard != shard:
-            differences.append(f"shard: file has {existing.shard}, this run {shard}")
-        if existing.index_sha256 != index.fingerprint():
-            differences.append(
-                f"input: the file indexed {existing.num_images} images, "
-                f"{str(index.root)!r} now gives {num_images} (or other paths or "
-                f"labels)"
-            )
+        check_same_extraction(existing, extractor, index, num_images, shard)
         complete = existing.complete
+    return None if complete else StoreWriter.resume(target)
+
+
+def check_same_extraction(
+    existing: FeatureStore,
+    extractor: Extractor,
+    index: ImageIndex,
+    num_images: int,
+    shard: dict | None,
+) -> None:
+    """Refuse, in one line, a store that holds another extraction than this one
+    (settings, shard or input): it may be neither resumed nor counted as done."""
+    differences = identity_differences(
+        ExtractionSettings.with_defaults(existing.settings),
+        extractor.codes_settings(),
+        names=("file has", "this run asks"),
+    )
+    if existing.shard != shard:
+        differences.append(f"shard: file has {existing.shard}, this run {shard}")
+    if existing.index_sha256 != index.fingerprint():
+        differences.append(
+            f"input: the file indexed {existing.num_images} images, "
+            f"{str(index.root)!r} now gives {num_images} (or other paths or "
+            f"labels)"
+        )
     if differences:
         raise TLError(
-            f"{str(target)!r} holds an extraction with other settings: "
+            f"{str(existing.path)!r} holds an extraction with other settings: "
             f"{'; '.join(differences)}. Pass --overwrite (overwrite=True) to "
             f"replace it, or choose another --output."
         )
-    return None if complete else StoreWriter.resume(target)
 
 
 def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -461,6 +485,8 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    client: Client | str | None = None,
+    keep_shards: bool = False,
     **setting_overrides,
 ) -> ExtractionResult:
     """Extract the CNN codes of several layers for every image of `source`.
@@ -485,18 +511,41 @@ def extract(
         progress: show a progress bar (images/s, ETA).
         on_batch: called as `on_batch(images_done, images_total)` after each batch
             is safely written.
+        client: run on a Dask cluster (`pip install 'tl[dask]'`): a
+            `distributed.Client`, `"local:N"` (N worker processes here) or a
+            scheduler address. The index is split into shards that the workers
+            extract under `<output>.shards/`, then merged into `output`; see
+            `tl.distributed.extract`.
+        keep_shards: with `client`, keep the shard folder after the merge.
 
     Returns:
         An `ExtractionResult` (path, rows written, skipped files, timing).
     """
     settings = (settings or ExtractionSettings()).updated(**setting_overrides)
     check_interval("batch_size", batch_size, low=1, integer=True)
+    if client is not None:
+        if shard is not None:
+            raise TLError(
+                "A run on Dask splits the input into shards itself; drop the shard "
+                "(--shard) or the client (--dask)."
+            )
+        from tl import distributed
+
+        return distributed.extract(
+            source,
+            output,
+            settings,
+            client=client,
+            batch_size=batch_size,
+            compression=compression,
+            overwrite=overwrite,
+            progress=progress,
+            on_batch=on_batch,
+            keep_shards=keep_shards,
+        )
     output = Path(output)
     extractor = load_extractor(settings)
-    settings = extractor.settings
-    index = index_images(source, settings.labels)
-    start, stop = shard_range(len(index), shard)
-    shard_info = {"index": shard[0], "count": shard[1]} if shard else None
+    index = index_images(source, extractor.settings.labels)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with acquire(output, "extraction"):
@@ -504,78 +553,126 @@ def extract(
         target = replacement_path(output) if overwrite else output
         if overwrite:
             log.info("writing %s; it replaces %s once complete", target, output)
-        writer = _open_store(
+        processed, seconds = write_codes(
             target,
-            Path(source).expanduser().resolve(),
+            source,
             extractor,
             index,
-            stop - start,
-            shard_info,
-            compression,
-            overwrite,
+            shard=shard,
+            compression=compression,
+            start_over=overwrite,
+            batch_size=batch_size,
+            progress=progress,
+            on_batch=on_batch,
         )
-        processed, seconds = 0, 0.0
-        if writer is None:
-            log.info("%s is already complete; nothing to do.", target)
-        else:
-            with writer:
-                processed, seconds = _extract_rest(
-                    extractor,
-                    index,
-                    writer,
-                    start,
-                    stop,
-                    batch_size,
-                    progress,
-                    on_batch,
-                )
-                writer.finish()
         if overwrite:
             target.replace(output)
-        with FeatureStore(output) as store:
-            result = ExtractionResult(
-                output, settings, len(store), store.skipped, processed, seconds
-            )
+        return finished_result(output, settings, processed, seconds)
+
+
+def finished_result(
+    output: Path, settings: ExtractionSettings, processed: int, seconds: float
+) -> ExtractionResult:
+    """The result of an extraction into the complete store `output`; its skipped
+    files are logged."""
+    with FeatureStore(output) as store:
+        result = ExtractionResult(
+            output, settings, len(store), store.skipped, processed, seconds
+        )
     for _, path, reason in result.skipped:
         log.warning("skipped %s: %s", path, reason)
     return result
 
 
-def _extract_rest(
+def write_codes(
+    target: Path,
+    source: str | Path,
     extractor: Extractor,
     index: ImageIndex,
-    writer: StoreWriter,
-    start: int,
-    stop: int,
+    *,
+    shard: tuple[int, int] | None,
+    compression: str | None,
+    start_over: bool,
     batch_size: int,
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
+    announce: bool = True,
 ) -> tuple[int, float]:
-    """Say what is to be done, check that it fits, and run: (images, seconds)."""
-    done = writer.images_done
-    remaining = stop - start - done
+    """Fill the store `target` with the codes of `index` (or of its `shard`),
+    resuming what it holds, and mark it complete. The caller holds its lock.
+
+    A store there with other settings or input is refused, or with `start_over`
+    replaced, as is one that cannot be resumed. `announce` logs the plan first.
+
+    Returns:
+        (images processed, seconds) by this call.
+    """
+    start, stop = shard_range(len(index), shard)
+    writer = _open_store(
+        target,
+        Path(source).expanduser().resolve(),
+        extractor,
+        index,
+        stop - start,
+        {"index": shard[0], "count": shard[1]} if shard else None,
+        compression,
+        start_over,
+    )
+    if writer is None:
+        log.info("%s is already complete; nothing to do.", target)
+        return 0, 0.0
+    with writer:
+        done = writer.images_done
+        needed = codes_bytes(
+            extractor.layer_info(),
+            stop - start,
+            writer.rows,
+            index.paths[start + done : stop],
+        )
+        if announce:
+            describe_plan(extractor, index, stop - start, done, needed)
+        check_disk(writer.path, needed)
+        began = time.perf_counter()
+        _append_batches(
+            extractor, index, writer, start, stop, batch_size, progress, on_batch
+        )
+        seconds = time.perf_counter() - began
+        writer.finish()
+    return stop - start - done, seconds
+
+
+def codes_bytes(
+    layers: list[dict], num_images: int, rows: int, paths: Sequence[str]
+) -> int:
+    """Bytes that the rows of `paths` add to a store of `num_images` images that holds
+    `rows` rows (`tl.store.estimated_bytes`)."""
+    path_bytes = sum(len(path.encode()) for path in paths)
+    return estimated_bytes(
+        layers, num_images, rows + len(paths), path_bytes
+    ) - estimated_bytes(layers, num_images, rows, 0)
+
+
+def describe_plan(
+    extractor: Extractor, index: ImageIndex, images: int, done: int, needed: int
+) -> None:
+    """Log what an extraction of `images` images, `done` of them already, will do:
+    the input, its ignored files, the codes per layer and the bytes to write."""
+    remaining = images - done
     log.info(
         "%s: %d images (%s), %s%s",
         index.root,
-        stop - start,
+        images,
         f"{len(index.class_names)} classes" if index.class_names else "unlabeled",
         f"resuming after {done}, " if done else "",
         f"{remaining} to go",
     )
     for path, reason in index.ignored:
         log.warning("ignored %s: %s", path, reason)
-    layers = extractor.layer_info()
-    needed = estimated_bytes(
-        layers,
-        stop - start,
-        writer.rows + remaining,
-        sum(len(path.encode()) for path in index.paths[start + done : stop]),
-    ) - estimated_bytes(layers, stop - start, writer.rows, 0)
     log.info(
         "codes per layer (%s), about %s to write:\n%s",
         extractor.settings.dtype,
         format_bytes(needed),
-        "\n".join(storage_plan(layers, remaining)),
+        "\n".join(storage_plan(extractor.layer_info(), remaining)),
     )
     if extractor.weights.source == "none":
         log.warning(
@@ -583,10 +680,6 @@ def _extract_rest(
             "on them, say nothing about the pretrained %s.",
             extractor.spec.name,
         )
-    _check_disk(writer.path, needed)
-    began = time.perf_counter()
-    _write_codes(extractor, index, writer, start, stop, batch_size, progress, on_batch)
-    return remaining, time.perf_counter() - began
 
 
 @dataclasses.dataclass
@@ -605,15 +698,14 @@ def iter_codes(
 ) -> Iterator[CodeBatch]:
     """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
     (see `tl.images.decoded_batches`)."""
-    codes_of = compiled_extractor(extractor.model)
     for batch in decoded_batches(paths, extractor.settings.image, batch_size, first):
         codes = {}
         if batch.images is not None:
-            codes = {k: v.numpy() for k, v in codes_of(batch.images).items()}
+            codes = {k: v.numpy() for k, v in extractor.compiled(batch.images).items()}
         yield CodeBatch(batch.positions, codes, batch.skipped, batch.end)
 
 
-def _write_codes(
+def _append_batches(
     extractor: Extractor,
     index: ImageIndex,
     writer: StoreWriter,

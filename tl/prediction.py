@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from tl.classifiers import SavedClassifier, load_classifier
 from tl.errors import TLError
 from tl.features import ExtractionSettings, iter_codes, load_extractor
-from tl.finetune import MODEL_FORMAT as FINETUNED_FORMAT
-from tl.finetune import load_finetuned
+from tl.finetune.saved import MODEL_FORMAT as FINETUNED_FORMAT
+from tl.finetune.saved import load_finetuned
 from tl.images import UNLABELED, ImageIndex, index_folder, is_image_file
 from tl.model_folder import model_format
 from tl.provenance import identity_differences, layer_identity

@@ -6,7 +6,8 @@ they were computed, so that every figure of the advice traces back to one of the
     learning_curve      the same on 25 / 50 / 100% of the training rows of one stage
     head_confidence     the ImageNet head's top-1 probability and entropy
 
-The accuracies come from `tl.evaluation.cv_search`, the comparison's own search:
+The accuracies come from `tl.evaluation.choose_hyperparameters`, the comparison's
+own search:
 standardised logistic regression, C chosen by stratified k-fold CV, the fold scores
 those of the chosen C (as every probe reports them; being the best of five, they
 lean optimistic by the same amount for every stage).
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tl.errors import TLError
-from tl.evaluation import ComparisonSettings, cv_search
+from tl.evaluation import ComparisonSettings, choose_hyperparameters
 from tl.images import ImageIndex
 
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
@@ -256,8 +257,8 @@ def measure_counts(index: ImageIndex, seed: int = 0) -> DatasetCounts:
 def probe(
     X: np.ndarray, y: np.ndarray, folds: int, seed: int, jobs: int = 1
 ) -> ProbeScore:
-    """CV'd standardised logistic regression (`cv_search`), its folds reduced to
-    the smallest class's rows.
+    """CV'd standardised logistic regression, as `compare` chooses its C
+    (`choose_hyperparameters`: folds reduced to the smallest class's rows).
 
     Raises:
         TLError: when a class has fewer than two rows.
@@ -268,12 +269,11 @@ def probe(
             f"A class has {per_class_min} training image(s); measuring needs at "
             f"least {MIN_PER_CLASS} of each class. Add images."
         )
-    folds = min(folds, per_class_min)
-    settings = ComparisonSettings(classifiers=("logreg",), seed=seed, jobs=jobs)
-    found = cv_search("logreg", X, y, folds, settings)
-    return ProbeScore(
-        len(y), per_class_min, folds, found.fold_scores, found.params["C"]
+    settings = ComparisonSettings(
+        classifiers=("logreg",), folds=folds, search_rows=len(y), seed=seed, jobs=jobs
     )
+    params, fold_scores = choose_hyperparameters("logreg", X, y, settings)
+    return ProbeScore(len(y), per_class_min, len(fold_scores), fold_scores, params["C"])
 
 
 def profile_stages(

@@ -48,6 +48,13 @@ def key_of(values: dict) -> str:
     return Identity.of(values).sha256
 
 
+def probe_selection_key(record: dict) -> tuple[float, float]:
+    """How probes are chosen without the test images: the best CV accuracy, ties
+    broken by the lower spread (as `tl.evaluation` chooses); `max` keeps the first
+    of equals, in the plan's order."""
+    return record["cv_accuracy"], -record["cv_std"]
+
+
 class StepRecords:
     """The records of finished steps: `<folder>/<key>.json`."""
 
@@ -184,10 +191,7 @@ class FineTuneStep:
         accuracy (ties: the lower spread); None while one has not run."""
         if not self.probes or any(not probe.done for probe in self.probes):
             return None
-        return max(
-            self.probes,
-            key=lambda p: (p.record["cv_accuracy"], -p.record["cv_std"]),
-        )
+        return max(self.probes, key=lambda probe: probe_selection_key(probe.record))
 
     def compute_key(self) -> str | None:
         if self.data is None:
@@ -226,6 +230,15 @@ class Plan:
         """(Re)compute a step's key from its inputs' and load its record."""
         step.key = step.compute_key()
         step.record = self.records.load(step.key)
+
+    def finished_records(self) -> list[dict]:
+        """The records of the probes and fine-tunes that have finished, in the
+        plan's order."""
+        return [
+            step.record
+            for step in self.steps
+            if not isinstance(step, ExtractStep) and step.record is not None
+        ]
 
     def store_keys(self) -> list[str]:
         """The keys of the stores this experiment uses (found, made or to make)."""

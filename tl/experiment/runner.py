@@ -15,17 +15,15 @@ import contextlib
 import dataclasses
 import json
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.exceptions import ConvergenceWarning
 
 from tl import evaluation, features, finetune
-from tl.classifiers import as_features, make_pipeline, save_classifier
+from tl.classifiers import as_features, save_classifier
 from tl.cli import check_output
 from tl.errors import TLError
 from tl.experiment.cache import FeatureCache
@@ -36,7 +34,7 @@ from tl.experiment.plan import (
     ProbeStep,
     make_plan,
 )
-from tl.experiment.report import format_top, write_report
+from tl.experiment.report import format_top, selection_line, write_report
 from tl.experiment.spec import ExperimentSpec, head_options, load_spec
 from tl.experiment.splits import fine_tune_lists, prepare_data
 from tl.images import ImageIndex, index_images
@@ -120,6 +118,8 @@ def run(
     _write_run(plan, ran, time.perf_counter() - began)
     table, report = write_report(plan, ran)
     _say(format_top(table))
+    if selection := selection_line(table, plan.finished_records()):
+        _say(selection)
     _say(f"report: {report}")
     return ExperimentResult(spec, plan, ran, table, report)
 
@@ -310,18 +310,10 @@ def _refit_probe(best: ProbeStep, train: ImageIndex, folder: Path) -> None:
     settings, params = best.settings, best.record["params"]
     with FeatureStore(best.train.entry.path) as store:
         rows = np.isin(store.paths, train.absolute_paths())
-        pipeline = make_pipeline(
-            best.classifier,
-            settings.normalization,
-            settings.pca,
-            settings.class_weight,
-            settings.seed,
-        ).set_params(**{f"classifier__{name}": v for name, v in params.items()})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            pipeline.fit(
-                as_features(store.read(best.tap.layer, rows)), store.labels[rows]
-            )
+        X = as_features(store.read(best.tap.layer, rows))
+        pipeline, _ = evaluation.fit_pipeline(
+            best.classifier, params, X, store.labels[rows], settings
+        )
         save_classifier(
             folder,
             pipeline,

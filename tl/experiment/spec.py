@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -43,6 +42,7 @@ from tl.backbones import (
     resolve_layers,
 )
 from tl.classifiers import CLASSIFIERS, get_classifier
+from tl.distributed import check_client
 from tl.errors import TLError
 from tl.evaluation import ComparisonSettings
 from tl.features import ExtractionSettings, Pooling
@@ -181,33 +181,24 @@ def head_options(init_head: str | None, probe_folder: str | Path | None = None) 
     """The `fine_tune` keywords for a file's `init_head`.
 
     `best_probe` is `init_head=<the saved probe>` (LP-FT); `probe` and `random` are
-    fine-tuning's `head_init` (stage 1 fits a probe on the frozen codes, or trains a
-    random head). A tl without `head_init` trains a random head in stage 1, which
-    `random` then needs nothing for; `probe` is refused there.
+    fine-tuning's `head_init` (stage 1 folds a probe fitted on the frozen codes into
+    the head, or trains a random head); None leaves fine-tuning's default.
     """
     if init_head is None:
         return {}
     if init_head == "best_probe":
         return {"init_head": str(probe_folder)}
-    if "head_init" in FineTuneSettings.json_keys():
-        return {"head_init": init_head}
-    if init_head == "random":
-        return {}
-    raise TLError(
-        f"init_head = {init_head!r} needs fine-tuning's head_init, which this tl "
-        f"does not have; use 'best_probe' (the best linear probe of the backbone's "
-        f"last layer) or 'random'."
-    )
+    return {"head_init": init_head}
 
 
 def strategy_options(strategy: str) -> dict:
-    """The `fine_tune` keywords of a strategy: `scratch` re-initialises the network
-    (random weights, and from_scratch where fine-tuning has it)."""
-    if strategy != "scratch":
-        return {}
-    if "from_scratch" in FineTuneSettings.json_keys():
+    """The `fine_tune` keywords of a strategy. `scratch` trains every layer from
+    random weights (BatchNorm in training mode); `fine_tune` starts from the
+    backbone's weights, random ones included: a random-weight backbone is then
+    fine-tuned like a pretrained one, not trained from scratch."""
+    if strategy == "scratch":
         return {"weights": "none", "from_scratch": True}
-    return {"weights": "none"}
+    return {"from_scratch": False}
 
 
 # ---------------------------------------------------------------------------------
@@ -383,12 +374,8 @@ class _Reader:
         dask = run.get("dask")
         if dask is not None:
             self.typed(dask, "run.dask", str, "local:N or a scheduler address")
-            if importlib.util.find_spec("tl.distributed") is None:
-                raise self.error(
-                    "run.dask",
-                    "running on Dask needs tl.distributed, which this tl does not "
-                    "have; remove the key to run in this process.",
-                )
+            with self.checking("run.dask"):
+                check_client(dask)
         return ExperimentSpec(
             source=self.file,
             name=name,
@@ -538,7 +525,6 @@ class _Reader:
             if init_head is not None:
                 with self.checking(f"{where}.init_head"):
                     check_choice("init_head", init_head, INIT_HEADS)
-                    head_options(init_head, "probe")
             # random weights where the backbone has others: trained from scratch
             reinitialised = (
                 "weights" in table
@@ -550,12 +536,12 @@ class _Reader:
             )
             with self.checking(f"{where}.strategy"):
                 check_choice("strategy", strategy, STRATEGIES)
-            if strategy == "scratch" and init_head == "best_probe":
+            if strategy == "scratch" and init_head not in (None, "random"):
                 raise self.error(
                     f"{where}.init_head",
-                    "'best_probe' starts from a probe on the backbone's weights, which "
-                    "a network trained from scratch does not have; use 'random' or "
-                    "'probe'.",
+                    f"{init_head!r} starts from a probe on the backbone's weights, "
+                    f"which a network trained from scratch does not have; use "
+                    f"'random' or leave init_head out.",
                 )
             overrides = {
                 key: value
@@ -567,6 +553,8 @@ class _Reader:
                 **entry.image.to_json(),
                 **overrides,
                 **strategy_options(strategy),
+                # best_probe's folder is known once the probes have run
+                **(head_options(init_head) if init_head != "best_probe" else {}),
             }
             with self.checking(where, spelling={}):
                 settings = FineTuneSettings.create(**flat)
