@@ -277,6 +277,14 @@ def test_judge_says_plainly_when_the_measurement_contradicts_the_advice():
         ),
     )
     assert agree.consistent and agree.text.startswith("consistent with the advice")
+    assert agree.text.endswith("lies within its 95% interval")  # 0.8 >= 0.9 - 0.1
+    clear = rules.judge(
+        advice,
+        leaderboard(
+            ("probe", "layer2", "logreg", 0.9), ("probe", "layer3", "logreg", 0.7)
+        ),
+    )
+    assert clear.consistent and "close call" not in clear.text
     tie = rules.judge(
         advice,
         leaderboard(

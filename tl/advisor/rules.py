@@ -349,12 +349,19 @@ def judge(recommendation: Recommendation, rows: Sequence[dict]) -> Outcome:
         )
     best_ours = dict(ours[0])
     if best_ours["test_accuracy"] >= winner["test_accuracy"]:
+        others = [row for row in rows if not any(c.matches(row) for c in recommended)]
+        close = ""
+        if others and others[0]["test_accuracy"] >= best_ours["test_ci_low"]:
+            close = (
+                f"; a close call: the best contrast, {_row_title(others[0])} "
+                f"({others[0]['test_accuracy']:.3f}), lies within its 95% interval"
+            )
         return Outcome(
             True,
             winner,
             best_ours,
             f"consistent with the advice: the recommended "
-            f"{_row_title(best_ours)} wins ({_accuracy(best_ours)})",
+            f"{_row_title(best_ours)} wins ({_accuracy(best_ours)}){close}",
         )
     return Outcome(
         False,
