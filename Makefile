@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# The tests of the OpenVINO engine run only with its extra; CI runs them all.
+$(VENV)/.openvino-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[openvino]'
+	touch $@
+
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[demo]'
 	touch $@
@@ -44,7 +49,7 @@ experiment: $(VENV)/.installed $(DEMO_DATA) $(DEMO_WEIGHTS)
 
 # `make test` leaves out the tests marked slow (every backbone beyond the smallest of
 # each family); `make test-all` runs them too.
-test: $(VENV)/.installed
+test: $(VENV)/.openvino-installed
 	$(PY) -m pytest
 
 test-all: $(VENV)/.installed
@@ -59,7 +64,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
 
 bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench,openvino]'
 	$(PY) bench/extraction.py
 	$(PY) bench/classifiers.py
 

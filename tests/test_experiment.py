@@ -825,18 +825,37 @@ def test_unreadable_files_are_refused_in_one_line(tmp_path, capsys):
     )
 
 
-def test_the_backbone_table_takes_the_settings_fields():
-    """Its keys are the settings dataclasses' (an engine field added to
-    BackboneSettings is accepted without being listed)."""
-    import dataclasses
+def test_the_backbone_table_takes_the_engine_settings(finished, capsys, tmp_path):
+    """`engine` (a field of tl.engines.EngineSettings, not listed in spec.py) is
+    read into the codes' identity: the default spelled out hits the cache, another
+    engine makes new stores of that backbone only; an unknown engine and int8
+    (whose calibration sample no key can know beforehand) are refused."""
+    spec, _ = finished
 
-    from tl.backbones import BackboneSettings
-    from tl.experiment.spec import backbone_keys
-    from tl.images import ImageSettings
+    def to_run(engine: str) -> set[str]:
+        changed = copy.deepcopy(spec)
+        changed["backbone"][0]["engine"] = engine
+        plan = run(changed, plan_only=True).plan
+        return {step.title for step in plan.steps if not step.done}
 
-    fields = {field.name for field in dataclasses.fields(BackboneSettings)}
-    extra = {"label", "layers", "pooling"}
-    assert backbone_keys() == fields | ImageSettings.json_keys() | extra
+    assert to_run("keras") == set()
+    changed = to_run("openvino")
+    assert {t for t in changed if t.startswith("extract")} == {
+        "extract  vgg16 avg train (12 images)",
+        "extract  vgg16 avg test (4 images)",
+    }
+    assert all(" mobilenet " not in title for title in changed)
+    bad = copy.deepcopy(spec)
+    bad["backbone"][0]["engine"] = "openvin"
+    path = tmp_path / "bad.toml"
+    path.write_text(to_toml(bad))
+    capsys.readouterr()
+    code = run_experiment.main([str(path), "--plan"])
+    assert_one_line_error(capsys, code, "backbone[0].engine", "'openvin'")
+    bad["backbone"][0].update(engine="openvino", precision="int8")
+    path.write_text(to_toml(bad))
+    code = run_experiment.main([str(path), "--plan"])
+    assert_one_line_error(capsys, code, "backbone[0].precision: int8 codes")
 
 
 def test_plan_without_weights_known_shows_them_to_run(finished, monkeypatch):

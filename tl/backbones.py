@@ -26,10 +26,12 @@ from typing import ClassVar
 import keras
 import numpy as np
 
+from tl._checks import check_choice
 from tl._keras_compat import inbound_layer_names, recorded_downloads, weights_cache
 from tl._settings import FlatSettings
+from tl.engines import PRECISIONS
 from tl.errors import TLError, known_names
-from tl.precision import check_precision, compute_policy
+from tl.precision import compute_policy
 
 PREPROCESSING_MODES = {
     "caffe": "RGB→BGR, minus the ImageNet mean pixel, no scaling",
@@ -196,7 +198,8 @@ class BackboneSettings(FlatSettings):
         name: registry name (`tl.list_backbones()`), normalised (`ResNet-50` →
             `resnet50`).
         weights: `imagenet`, `none` (random) or a weights file, made absolute.
-        precision: compute precision (`float32`, `bfloat16`, `float16`).
+        precision: compute precision (`float32`, `bfloat16`, `float16`; `int8` for
+            extraction with the openvino engine, see `tl.engines`).
         seed: random initialisation seed (`weights=none`).
     """
 
@@ -210,7 +213,7 @@ class BackboneSettings(FlatSettings):
     def __post_init__(self):
         object.__setattr__(self, "name", get_backbone(self.name).name)
         object.__setattr__(self, "weights", normalize_weights(self.weights))
-        check_precision(self.precision)
+        check_choice("precision", self.precision, PRECISIONS)  # any engine's
 
     @property
     def spec(self) -> BackboneSpec:
@@ -337,7 +340,8 @@ def build_backbone(
         image_size: input (height, width).
         weights: `imagenet` (Keras' download and cache), a path to a weights file of
             the same architecture without top, or `none`/None for random weights.
-        precision: compute precision (`float32`, `bfloat16`, `float16`).
+        precision: compute precision (`float32`, `bfloat16`, `float16`; `int8` for
+            extraction with the openvino engine, see `tl.engines`).
         seed: seed of the random initialisation, so that `weights=none` models are
             the same in every process (a resumed extraction must see the same net).
 

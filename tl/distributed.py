@@ -262,6 +262,9 @@ def extract(
             threads = _worker_threads(client)
             shards = _plan(folder, extractor, index, SHARDS_PER_WORKER * threads)
             _announce(extractor, index, shards, threads, output)
+            # An engine that converts or calibrates the model does it once, here, and
+            # logs its int8 check; workers on this host then read it from its cache.
+            extractor.compiled  # noqa: B018 (compiles it)
             job = _ShardJob(
                 str(Path(source).expanduser().resolve()),
                 extractor.settings,

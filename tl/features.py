@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
@@ -36,6 +35,15 @@ from tl.backbones import (
     layer_taps,
     resolve_layers,
 )
+from tl.engines import (
+    CompiledExtractor,
+    CompileRequest,
+    EngineSettings,
+    compile_extractor,
+    load_engine,
+)
+from tl.engines.calibration import Calibration, sample_calibration
+from tl.engines.hint import measured_speed_hint
 from tl.errors import TLError
 from tl.images import (
     ImageIndex,
@@ -45,6 +53,7 @@ from tl.images import (
 )
 from tl.locking import acquire
 from tl.provenance import (
+    INFERENCE_KEYS,
     Identity,
     codes_identity,
     identity_differences,
@@ -199,20 +208,6 @@ def build_extractor(
     return keras.Model(pixels, outputs, name=f"{spec.name}_extractor")
 
 
-def compiled_extractor(extractor: keras.Model) -> Callable:
-    """The extractor (or any one-input model) as a graph function over any batch
-    size, in inference mode (traced once)."""
-
-    @tf.function(
-        input_signature=[tf.TensorSpec([None, *extractor.input_shape[1:]], tf.float32)],
-        reduce_retracing=True,
-    )
-    def codes_of(images):
-        return extractor(images, training=False)
-
-    return codes_of
-
-
 # ---------------------------------------------------------------------------------
 # Settings
 
@@ -237,6 +232,8 @@ class ExtractionSettings(FlatSettings):
         pooling: one pooling for all layers or one per layer (see `Pooling`).
         dtype: stored dtype (`float32` or `float16`).
         labels: `inferred` (class sub-folders) or None (unlabeled).
+        engine: what runs the extractor at the backbone's precision, and the int8
+            calibration sample (`tl.engines.EngineSettings`; Keras by default).
     """
 
     backbone: BackboneSettings = dataclasses.field(
@@ -247,6 +244,7 @@ class ExtractionSettings(FlatSettings):
     pooling: tuple[str, ...] = ("avg",)
     dtype: str = "float32"
     labels: str | None = "inferred"
+    engine: EngineSettings = dataclasses.field(default_factory=EngineSettings)
 
     def __post_init__(self):
         def set_(name, value):
@@ -263,6 +261,7 @@ class ExtractionSettings(FlatSettings):
         )
         check_choice("dtype", self.dtype, OUTPUT_DTYPES)
         check_choice("labels", self.labels, ("inferred", None))
+        set_("engine", self.engine.for_precision(self.backbone.precision))
 
     def resolved(self) -> ExtractionSettings:
         """These settings with the image size filled in from the backbone."""
@@ -279,6 +278,7 @@ class Extractor:
     poolings: list[Pooling]
     model: keras.Model
     weights: WeightsInfo
+    calibration: Calibration | None = None  # int8: the images it is calibrated on
 
     def layer_info(self) -> list[dict]:
         """Per-layer metadata stored in the feature store."""
@@ -300,9 +300,13 @@ class Extractor:
         ]
 
     def codes_settings(self) -> dict:
-        """Settings plus the resolved weights hash, as the store records them: what a
-        resumed run must match."""
-        return {**self.settings.to_json(), "weights_sha256": self.weights.sha256}
+        """Settings plus the resolved weights hash and that of the int8 calibration
+        sample, as the store records them: what a resumed run must match."""
+        return {
+            **self.settings.to_json(),
+            "weights_sha256": self.weights.sha256,
+            "calibration_sha256": self.calibration.sha256 if self.calibration else None,
+        }
 
     def identity(
         self, index: ImageIndex | None = None, *, hash_content: bool = False
@@ -314,29 +318,67 @@ class Extractor:
             index,
             weights_sha256=self.weights.sha256,
             layers=[tap.layer for tap in self.taps],
+            calibration_sha256=self.calibration.sha256 if self.calibration else None,
             hash_content=hash_content,
         )
 
+    def model_identity(self) -> dict:
+        """What determines the Keras model an engine converts: the codes' identity
+        without how they are run, plus the precision the model was built at and the
+        Keras version (the key of an engine's converted-model cache). Which images
+        are read (labels, size limit) changes the codes kept, not the model."""
+        values = self.identity().values
+        for key in (*INFERENCE_KEYS, "labels", "max_pixels"):
+            values.pop(key, None)
+        spec = self.settings.engine.spec
+        return {
+            **values,
+            "build_precision": spec.build_precision(self.settings.backbone.precision),
+            "keras_version": keras.__version__,
+        }
+
     @functools.cached_property
-    def compiled(self) -> Callable:
-        """The model as a graph function (`compiled_extractor`), traced once for all
-        the runs of this extractor (a worker runs one per shard)."""
-        return compiled_extractor(self.model)
+    def compiled(self) -> CompiledExtractor:
+        """The extractor compiled by the settings' engine on first use, once for all
+        the runs of this extractor (a Dask worker runs one per shard): the Keras
+        graph function, or an OpenVINO model converted (and calibrated) or read
+        from its cache."""
+        request = CompileRequest(
+            self.settings.backbone.precision, self.model_identity(), self.calibration
+        )
+        return compile_extractor(self.settings.engine.name, self.model, request)
 
 
 def load_extractor(settings: ExtractionSettings) -> Extractor:
     """Build the backbone, resolve and check its layers, and wrap the extractor.
 
     Everything that can be wrong with the settings fails here, before any image is
-    read: unknown backbone or layer, missing weights, bad sizes.
+    read: a missing engine, unknown backbone or layer, missing weights, bad sizes,
+    int8 without calibration images.
     """
     settings = settings.resolved()
+    engine = settings.engine
+    load_engine(engine.name)
+    if engine.calibration_images and engine.calibration_source is None:
+        raise TLError(
+            "int8 needs calibration images: set calibration_source to the training "
+            "images (--calibration-source)."
+        )
     spec = settings.backbone.spec
-    backbone, weights = settings.backbone.build(settings.image.size)
+    # An engine other than Keras applies the precision to a float32 model itself.
+    build_precision = engine.spec.build_precision(settings.backbone.precision)
+    backbone, weights = dataclasses.replace(
+        settings.backbone, precision=build_precision
+    ).build(settings.image.size)
     taps = resolve_layers(layer_taps(backbone, spec), list(settings.layers), spec.name)
     poolings = parse_poolings(settings.pooling, len(taps))
     model = build_extractor(backbone, spec, taps, poolings, settings.dtype)
-    return Extractor(spec, settings, taps, poolings, model, weights)
+    calibration = None
+    if engine.calibration_images:
+        calibration = sample_calibration(
+            engine.calibration_source, engine.calibration_images, settings.image
+        )
+    return Extractor(spec, settings, taps, poolings, model, weights, calibration)
 
 
 # ---------------------------------------------------------------------------------
@@ -487,6 +529,7 @@ def extract(
     on_batch: Callable[[int, int], None] | None = None,
     client: Client | str | None = None,
     keep_shards: bool = False,
+    speed_hint: bool = False,
     **setting_overrides,
 ) -> ExtractionResult:
     """Extract the CNN codes of several layers for every image of `source`.
@@ -517,11 +560,16 @@ def extract(
             extract under `<output>.shards/`, then merged into `output`; see
             `tl.distributed.extract`.
         keep_shards: with `client`, keep the shard folder after the merge.
+        speed_hint: on a CPU with OpenVINO installed, a long float32 run first
+            measures how much faster OpenVINO bfloat16 and int8 would be, on a few
+            of its images, and logs it (`tl.engines.hint`; not with `client`).
 
     Returns:
         An `ExtractionResult` (path, rows written, skipped files, timing).
     """
     settings = (settings or ExtractionSettings()).updated(**setting_overrides)
+    if settings.engine.calibration_images and not settings.engine.calibration_source:
+        settings = settings.updated(calibration_source=str(source))
     check_interval("batch_size", batch_size, low=1, integer=True)
     if client is not None:
         if shard is not None:
@@ -564,6 +612,7 @@ def extract(
             batch_size=batch_size,
             progress=progress,
             on_batch=on_batch,
+            speed_hint=speed_hint,
         )
         if overwrite:
             target.replace(output)
@@ -597,12 +646,14 @@ def write_codes(
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
     announce: bool = True,
+    speed_hint: bool = False,
 ) -> tuple[int, float]:
     """Fill the store `target` with the codes of `index` (or of its `shard`),
     resuming what it holds, and mark it complete. The caller holds its lock.
 
     A store there with other settings or input is refused, or with `start_over`
-    replaced, as is one that cannot be resumed. `announce` logs the plan first.
+    replaced, as is one that cannot be resumed. `announce` logs the plan first;
+    `speed_hint` then measures and logs a faster engine (`tl.engines.hint`).
 
     Returns:
         (images processed, seconds) by this call.
@@ -632,6 +683,10 @@ def write_codes(
         if announce:
             describe_plan(extractor, index, stop - start, done, needed)
         check_disk(writer.path, needed)
+        if speed_hint:
+            paths = index.absolute_paths()[start + done : stop]
+            if line := measured_speed_hint(extractor, paths):
+                log.info("hint: %s", line)
         began = time.perf_counter()
         _append_batches(
             extractor, index, writer, start, stop, batch_size, progress, on_batch
@@ -698,10 +753,9 @@ def iter_codes(
 ) -> Iterator[CodeBatch]:
     """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
     (see `tl.images.decoded_batches`)."""
+    codes_of = extractor.compiled.codes_of
     for batch in decoded_batches(paths, extractor.settings.image, batch_size, first):
-        codes = {}
-        if batch.images is not None:
-            codes = {k: v.numpy() for k, v in extractor.compiled(batch.images).items()}
+        codes = codes_of(batch.images) if batch.images is not None else {}
         yield CodeBatch(batch.positions, codes, batch.skipped, batch.end)
 
 

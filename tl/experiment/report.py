@@ -395,10 +395,10 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px;
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 .meta { color: #666; }
 .verdict { background: #f4f8fb; border-left: 4px solid #3a78b5; padding: 0.6em 1em; }
-table { border-collapse: collapse; font-size: 0.82em; margin: 0.5em 0; }
+table { border-collapse: collapse; font-size: 0.78em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.5em; text-align: left; }
 th { background: #f2f2f2; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.winner td { background: #fff7d6; font-weight: 600; }
 img { max-width: 100%; border: 1px solid #eee; }
 code { font-size: 0.95em; }
@@ -512,12 +512,20 @@ def _leaderboard_html(table: pd.DataFrame) -> str:
                     _number(row.test_macro_f1),
                     f"<code>{_e(row.params)}</code>",
                     _number(row.fit_seconds, 1),
-                    f"<code>{_e(row.model)}</code>",
+                    _short_path(row.model),
                 ],
                 ' class="winner"' if row.rank == 1 else "",
             )
         )
     return _table(header, rows, numeric={0, 6, 7, 8, 9, 10, 11, 13})
+
+
+def _short_path(path: str) -> str:
+    """`probes/0ead10712bd8…`: a model folder named by its step's key, shortened;
+    the whole path shows on hover."""
+    folder, _, key = str(path).rpartition("/")
+    shown = f"{folder}/{key[:12]}…" if len(key) > 12 else str(path)
+    return f'<code title="{_e(path)}">{_e(shown)}</code>'
 
 
 def _times_html(times: pd.DataFrame) -> str:

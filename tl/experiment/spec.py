@@ -4,7 +4,8 @@
     [data]        train, test, test_size
     [[backbone]]  label, layers, pooling (a list sweeps poolings), and the fields of
                   `BackboneSettings` (name, weights, precision, seed) and the keys of
-                  `ImageSettings` (image_size, resize, interpolation, ...)
+                  `ImageSettings` (image_size, resize, interpolation, ...) and of
+                  `EngineSettings` (engine)
     [probe]       classifiers, cv, shots and the other fields of `ComparisonSettings`
     [[finetune]]  backbone (a backbone's label), init_head, strategy and the keys of
                   `FineTuneSettings` (unfreeze, epochs, learning_rate, weights, ...)
@@ -43,6 +44,7 @@ from tl.backbones import (
 )
 from tl.classifiers import CLASSIFIERS, get_classifier
 from tl.distributed import check_client
+from tl.engines import EngineSettings
 from tl.errors import TLError
 from tl.evaluation import ComparisonSettings
 from tl.features import ExtractionSettings, Pooling
@@ -78,10 +80,14 @@ _FINETUNE_MAPPED = {"test_split", "init_head", "head_init", "from_scratch"}
 
 def backbone_keys() -> frozenset[str]:
     """The keys of a `[[backbone]]` table: its label, layers and pooling, every field
-    of `BackboneSettings` (the network is `name`) and the keys of `ImageSettings`."""
+    of `BackboneSettings` (the network is `name`) and the keys of `ImageSettings`
+    and `EngineSettings` (`engine`)."""
     fields = {field.name for field in dataclasses.fields(BackboneSettings)}
     return frozenset(
-        fields | ImageSettings.json_keys() | {"label", "layers", "pooling"}
+        fields
+        | ImageSettings.json_keys()
+        | EngineSettings.json_keys()
+        | {"label", "layers", "pooling"}
     )
 
 
@@ -110,6 +116,7 @@ class BackboneEntry:
         where: its key path in the file, `backbone[0]`.
         backbone: network, weights, precision, seed.
         image: how files become inputs (the size resolved).
+        engine: what runs the extractor (Keras by default).
         layers: as written (aliases or Keras layer names).
         poolings: one store per pooling: each pooling applies to every layer.
         taps: the layers resolved, in the order of `layers`.
@@ -121,6 +128,7 @@ class BackboneEntry:
     where: str
     backbone: BackboneSettings
     image: ImageSettings
+    engine: EngineSettings
     layers: tuple[str, ...]
     poolings: tuple[str, ...]
     taps: tuple[Tap, ...] = ()
@@ -130,7 +138,11 @@ class BackboneEntry:
     def extraction(self, pooling: str) -> ExtractionSettings:
         """The extraction settings of this backbone's store for `pooling`."""
         return ExtractionSettings(
-            self.backbone, self.image, layers=self.layers, pooling=(pooling,)
+            self.backbone,
+            self.image,
+            layers=self.layers,
+            pooling=(pooling,),
+            engine=self.engine,
         )
 
 
@@ -476,8 +488,21 @@ class _Reader:
             settings = ExtractionSettings.create(
                 **flat, layers=layers, pooling=poolings[0]
             ).resolved()
+        if settings.backbone.precision == "int8":
+            raise self.error(
+                f"{where}.precision",
+                "int8 codes depend on a calibration sample drawn while extracting, "
+                "which an experiment's cache key cannot know beforehand; use "
+                "float32 or bfloat16 (or extract_features.py --precision int8).",
+            )
         return BackboneEntry(
-            label, where, settings.backbone, settings.image, layers, poolings
+            label,
+            where,
+            settings.backbone,
+            settings.image,
+            settings.engine,
+            layers,
+            poolings,
         )
 
     def probe(self, table: Any, seed: int) -> ComparisonSettings:
