@@ -15,7 +15,13 @@ from conftest import SMALL, assert_one_line_error, blobs, load_pngs, write_png_t
 import advise as advise_script
 import tl.features
 from tl.advisor import advise, rules
-from tl.advisor.advice import _comparison, _experiment_tables, _head, toml_text
+from tl.advisor.advice import (
+    _comparison,
+    _experiment_tables,
+    _head,
+    _stages,
+    toml_text,
+)
 from tl.advisor.measure import (
     HeadConfidence,
     LearningCurve,
@@ -28,6 +34,7 @@ from tl.advisor.measure import (
 from tl.backbones import BackboneSettings
 from tl.errors import TLError
 from tl.experiment import load_spec
+from tl.experiment.spec import backbone_taps
 from tl.images import ImageSettings, index_images
 from tl.store import FeatureStore
 
@@ -404,6 +411,58 @@ def test_without_the_heads_weights_the_signal_is_missing_never_guessed(tmp_path)
     assert "--head-weights" in head.reason
 
 
+@pytest.mark.parametrize(
+    ("name", "constructor", "profiled", "left_to_last"),
+    [
+        (
+            "vgg16",
+            "VGG16",
+            ["block1_conv2", "block2_conv2", "block3_conv3", "block4_conv3"],
+            ["block5_conv3"],  # only block5_pool, a max-pool, follows it
+        ),
+        (
+            "mobilenetv2",
+            "MobileNetV2",
+            [
+                "block_1_expand_relu",
+                "block_3_expand_relu",
+                "block_6_expand_relu",
+                "block_13_expand_relu",
+            ],
+            [],  # stage5 is out_relu, last itself
+        ),
+    ],
+)
+def test_a_stage_without_weights_up_to_last_is_left_to_last(
+    name, constructor, profiled, left_to_last
+):
+    """The profile's stages are distinct: each has a layer with weights after it
+    up to `last`, checked on the Keras model itself; a stage with none (VGG16's
+    block5_conv3, then block5_pool) codes nearly what `last` codes and is left to
+    it, with a note."""
+    import keras
+
+    taps = backbone_taps(name, (SMALL, SMALL))
+    stages, notes = _stages(taps)
+    model = getattr(keras.applications, constructor)(
+        include_top=False, weights=None, input_shape=(SMALL, SMALL, 3)
+    )
+    names = [layer.name for layer in model.layers]
+
+    def weighted_after(layer: str) -> bool:
+        after = model.layers[names.index(layer) + 1 :]
+        return any(layer.weights for layer in after)
+
+    assert stages[-1] == ("last", next(t for t in taps if "last" in t.aliases))
+    assert stages[-1][1].layer == names[-1]
+    assert [tap.layer for _, tap in stages[:-1]] == profiled
+    assert all(weighted_after(tap.layer) for _, tap in stages[:-1])
+    numbered = [t.layer for t in taps if any(a[:5] == "stage" for a in t.aliases)]
+    dropped = [layer for layer in numbered if layer not in profiled]
+    assert not any(weighted_after(layer) for layer in dropped)
+    assert [note.split(" ")[1] for note in notes] == [f"({x})" for x in left_to_last]
+
+
 # ---------------------------------------------------------------------------------
 # End to end
 
@@ -449,11 +508,11 @@ def test_advice_json_traces_every_number_to_its_measurement(advised):
     assert values["counts"]["per_class"] == {"ant": 10, "bee": 10}
     assert values["budget"]["stages"] == 3 and values["budget"]["folds"] == 3
     assert [s["alias"] for s in values["stages"]] == [
+        "stage2",
         "stage3",
         "stage4",
-        "stage5",
         "last",
-    ]
+    ]  # stage5 (block5_conv3) is left to last (block5_pool)
     # the profile, recomputed from the fold scores of the store's codes
     with FeatureStore(values["measured_on"]["store"]) as store:
         assert len(store) == values["measured_on"]["rows"] == 16  # 20% held out

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from tl.advisor.measure import (
     measure_counts,
     profile_stages,
 )
-from tl.backbones import BackboneSettings
+from tl.backbones import BackboneSettings, Tap
 from tl.classifiers import as_features
 from tl.errors import TLError
 from tl.images import ImageIndex, ImageSettings, index_images
@@ -116,7 +117,7 @@ def advise(
     output.mkdir(parents=True, exist_ok=True)
     counts = measure_counts(index, seed)
     taps = backbone_taps(backbone.name, image.size)
-    stages = _stages(taps)
+    stages, merged = _stages(taps)
     budget = rules.plan_budget(budget_minutes, len(stages) - 1)
     stages = stages[-budget.stages - 1 :]
     train_source = _subsample(index, data, budget.images, seed, output / "images.csv")
@@ -145,6 +146,8 @@ def advise(
         f"budget {budget.minutes:g} min: up to {budget.images} images, the deepest "
         f"{budget.stages} stages, {budget.folds}-fold CV"
     )
+    for note in merged:
+        _say(note)
     store_path, train_index = _extract_stages(measured, progress)
     scores, curve, y = _probe_stages(store_path, stages, budget.folds, seed)
     head = _head(backbone, image, head_weights, train_index, head_model)
@@ -214,19 +217,30 @@ def _labelled(data: str | Path, held_out: bool) -> ImageIndex:
     return index
 
 
-def _stages(taps) -> list[tuple[str, object]]:
-    """(alias, tap) of `stage1..N` and `last` (named once when it is stage N)."""
+def _stages(taps: Sequence[Tap]) -> tuple[list[tuple[str, Tap]], list[str]]:
+    """(alias, tap) of `stage1..N` and `last`, each a distinct stage, and a note
+    for each stage left to `last`.
+
+    A stage with no weights between it and `last` (only pooling, activation or
+    reshaping layers, e.g. VGG's block5_pool after block5_conv3; or `last` itself)
+    pools to nearly the same codes as `last`: no contrast to it, so `last` stands
+    for it.
+    """
     by_alias = {alias: tap for tap in taps for alias in tap.aliases}
-    stages = []
+    last = by_alias["last"]
+    stages, notes = [], []
     number = 1
-    while f"stage{number}" in by_alias:
-        stages.append((f"stage{number}", by_alias[f"stage{number}"]))
+    while (tap := by_alias.get(f"stage{number}")) is not None:
+        between = [t for t in taps if tap.depth < t.depth <= last.depth]
+        if any(t.params for t in between):
+            stages.append((f"stage{number}", tap))
+        elif between:
+            notes.append(
+                f"stage{number} ({tap.layer}) is not profiled apart from last "
+                f"({last.layer}): no layer with weights lies between them"
+            )
         number += 1
-    if stages and stages[-1][1].layer == by_alias["last"].layer:
-        stages[-1] = ("last", stages[-1][1])
-    else:
-        stages.append(("last", by_alias["last"]))
-    return stages
+    return [*stages, ("last", last)], notes
 
 
 def _subsample(
