@@ -555,6 +555,35 @@ def test_the_experiment_file_is_valid_and_run_finds_the_advisors_codes(advised):
     )
 
 
+def test_the_command_line_writes_the_advice_runs_it_and_prints_the_outcome(
+    tmp_path, capsys
+):
+    """advise.py DATA --test TEST --run: the script's whole path, on 2 x 4 training
+    and 2 x 2 test images with a random-weight VGG16 at 32x32."""
+    write_png_tree(tmp_path / "train", {"ant": 4, "bee": 4}, seed=5)
+    write_png_tree(tmp_path / "test", {"ant": 2, "bee": 2}, seed=6)
+    output = tmp_path / "advice"
+    code = advise_script.main([
+        str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+        "--weights", "none", "-s", "32", "--budget", "1", "-o", str(output),
+        "--cache-dir", str(tmp_path / "cache"), "-q", "--run",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    values = json.loads((output / "advice.json").read_text())
+    report = Path(values["report"])
+    assert report.is_file() and report.parent == output / "experiment"
+    assert f"report: {report}" in out.splitlines()
+    outcome = values["outcome"]
+    assert out.splitlines()[-1] == f"outcome: {outcome['text']}"
+    assert outcome["text"].startswith(
+        "consistent with the advice"
+        if outcome["consistent"]
+        else "the measurement wins"
+    )
+    assert outcome["winner"]["test_images"] == 4
+
+
 # ---------------------------------------------------------------------------------
 # Bad input
 
