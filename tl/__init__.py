@@ -3,7 +3,7 @@
 Extract CNN codes of several layers of a `keras.applications` backbone in one pass
 (`tl.extract`), read them back (`tl.FeatureStore`), compare classifiers per layer
 (`tl.compare`), classify new images (`tl.predict_images`), fine-tune
-(`tl.fine_tune`).
+(`tl.fine_tune`), ask which of these a dataset calls for (`tl.advise`).
 Names are imported lazily, so `import tl` (and a script's --help) does not load
 TensorFlow; when something does, its native start-up messages are muted
 (`tl._tensorflow`; TL_TF_LOGS=1 shows them).
@@ -35,6 +35,7 @@ _EXPORTS = {
     "fine_tune": "tl.finetune",
     "load_finetuned": "tl.finetune",
     "TLError": "tl.errors",
+    "advise": "tl.advisor",
 }
 __all__ = sorted(_EXPORTS)
 

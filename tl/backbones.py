@@ -414,6 +414,8 @@ class Tap:
             (None for non-spatial outputs).
         aliases: friendly names that resolve to this layer.
         depth: position of the layer in the network's topological order.
+        params: how many weights the layer holds (0 for pooling, activation and
+            reshaping layers: they recode their input, they learn nothing).
     """
 
     layer: str
@@ -421,6 +423,7 @@ class Tap:
     stride: int | None
     aliases: tuple[str, ...] = ()
     depth: int = 0
+    params: int = 0
 
 
 def _output_shape(layer) -> tuple[int | None, ...] | None:
@@ -524,13 +527,14 @@ def layer_taps(model: keras.Model, spec: BackboneSpec) -> list[Tap]:
             by_layer.setdefault(layer_name, []).append(alias)
     return [
         Tap(
-            name,
-            shapes[name] or (),
-            strides[name],
-            tuple(by_layer.get(name, ())),
+            layer.name,
+            shapes[layer.name] or (),
+            strides[layer.name],
+            tuple(by_layer.get(layer.name, ())),
             depth,
+            sum(math.prod(weight.shape) for weight in layer.weights),
         )
-        for depth, name in enumerate(names)
+        for depth, layer in enumerate(layers)
     ]
 
 

@@ -107,7 +107,7 @@ def run(
         for number, step in enumerate(plan.steps, start=1):
             counter = plan.counter(number)
             if isinstance(step, ExtractStep):
-                work = _extract(step, spec, cache, counter, progress, client)
+                work = extract_step(step, spec, cache, counter, progress, client)
             elif isinstance(step, ProbeStep):
                 work = _probe(step, plan, counter, progress)
             else:
@@ -145,7 +145,7 @@ def _cluster(spec: ExperimentSpec) -> Iterator[dict]:
 # Steps
 
 
-def _extract(
+def extract_step(
     step: ExtractStep,
     spec: ExperimentSpec,
     cache: FeatureCache,
@@ -153,7 +153,8 @@ def _extract(
     progress: bool,
     client: dict,
 ) -> bool:
-    """Find or make the step's store; whether it extracted."""
+    """Find or make the step's store in the cache; whether it extracted (the
+    runner's step, and the advisor's measurements)."""
     if step.entry is not None:
         _say(f"{counter} {step.title}: cached {step.entry.key[:12]}")
         return False

@@ -595,7 +595,7 @@ class _Reader:
         for entry in spec.backbones:
             spec_ = entry.backbone.spec
             with self.checking(f"{entry.where}.image_size"):
-                taps = _taps(spec_.name, entry.image.size)
+                taps = backbone_taps(spec_.name, entry.image.size)
             for number, layer in enumerate(entry.layers):
                 with self.checking(f"{entry.where}.layers[{number}]"):
                     resolve_layers(list(taps), [layer], spec_.name)
@@ -655,7 +655,7 @@ class _Reader:
 
 
 @functools.lru_cache(maxsize=32)
-def _taps(backbone: str, image_size: tuple[int, int]) -> tuple[Tap, ...]:
+def backbone_taps(backbone: str, image_size: tuple[int, int]) -> tuple[Tap, ...]:
     """Every layer of `backbone` at `image_size`, from a random-weight model (the
     layers do not depend on the weights); built once per process."""
     spec = get_backbone(backbone)

@@ -69,9 +69,9 @@ def prepare_data(spec: ExperimentSpec, *, write: bool = True) -> ExperimentData:
     files = {folder / "train.csv": train_rows, folder / "test.csv": test_rows}
     indexes = []
     for path, rows in files.items():
-        text = _csv_text(rows)
+        text = csv_text(rows)
         if write:
-            _write_if_changed(path, text)
+            write_if_changed(path, text)
             indexes.append(index_images(path))
         else:
             indexes.append(_index_of(path, rows))
@@ -155,11 +155,11 @@ def fine_tune_lists(
     folder = data.train_csv.parent / f"finetune-{settings.val_split:g}-{settings.seed}"
     paths = folder / "train.csv", folder / "val.csv"
     for path, rows in zip(paths, (train, val), strict=True):
-        _write_if_changed(path, _csv_text(rows))
+        write_if_changed(path, csv_text(rows))
     return paths
 
 
-def _csv_text(rows: list[tuple[str, str]]) -> str:
+def csv_text(rows: list[tuple[str, str]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(("path", "label"))
@@ -167,7 +167,7 @@ def _csv_text(rows: list[tuple[str, str]]) -> str:
     return buffer.getvalue()
 
 
-def _write_if_changed(path: Path, text: str) -> None:
+def write_if_changed(path: Path, text: str) -> None:
     """Write `path` atomically, unless it holds `text` already."""
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
