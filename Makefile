@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# The tests of the optional engines and schedulers (OpenVINO, Dask) run only with
-# their extras, which the tests install; without them those tests skip.
+
+# The tests of the optional engine and scheduler (OpenVINO, Dask) need their extras,
+# which `make test` installs; without them those tests skip.
 $(VENV)/.extras-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[openvino,dask]'
 	touch $@
@@ -50,11 +51,13 @@ experiment: $(VENV)/.installed $(DEMO_DATA) $(DEMO_WEIGHTS)
 
 # `make test` leaves out the tests marked slow (every backbone beyond the smallest of
 # each family); `make test-all` runs them too.
+# Two test processes (pytest-xdist): each TensorFlow runs its ops on both cores, but
+# much of a test is Python, model building and waiting on subprocesses.
 test: $(VENV)/.extras-installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 test-all: $(VENV)/.extras-installed
-	$(PY) -m pytest -m "slow or not slow"
+	$(PY) -m pytest -n 2 -m "slow or not slow"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
