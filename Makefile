@@ -19,7 +19,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-
 # The tests of the optional engine and scheduler (OpenVINO, Dask) need their extras,
 # which `make test` installs; without them those tests skip.
 $(VENV)/.extras-installed: $(VENV)/.installed
