@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# The tests of the optional engines and schedulers (OpenVINO, Dask) run only with
+# their extras, which the tests install; without them those tests skip.
+$(VENV)/.extras-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[openvino,dask]'
+	touch $@
+
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[demo]'
 	touch $@
@@ -39,17 +45,17 @@ demo: $(VENV)/.installed $(DEMO_DATA) $(if $(filter $(DEMO_WEIGHTS),$(WEIGHTS)),
 
 # `make test` leaves out the tests marked slow (every backbone beyond the smallest of
 # each family); `make test-all` runs them too.
-test: $(VENV)/.installed
+test: $(VENV)/.extras-installed
 	$(PY) -m pytest
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.extras-installed
 	$(PY) -m pytest -m "slow or not slow"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
 
 bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench,openvino]'
 	$(PY) bench/extraction.py
 	$(PY) bench/classifiers.py
 

@@ -42,6 +42,7 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_backbone_options(
         model,
         defaults.backbone,
+        engine=defaults.engine,
         backbone_help="backbone name (see --list-backbones); vgg16 gives the classic "
         "CNN codes, one pooled block per alias",
     )
@@ -104,7 +105,19 @@ def build_parser() -> cli.ArgumentParser:
         metavar="SHARD",
         help="join complete shard files into --output and exit",
     )
+    cli.add_dask_option(run)
+    run.add_argument(
+        "--keep-shards",
+        action="store_true",
+        help="with --dask: keep the shard stores (<output>.shards/) after the merge",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-speed-hint",
+        action="store_true",
+        help="no hint about a faster engine or precision (with OpenVINO installed, "
+        "long float32 runs on a CPU measure one for a few seconds)",
+    )
     cli.add_info_options(parser)
     return parser
 
@@ -118,12 +131,35 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+def _check_dask_options(args: argparse.Namespace) -> None:
+    if args.keep_shards and not args.dask:
+        raise TLError("--keep-shards goes with --dask (the shards of a Dask run).")
+    clash = [
+        flag
+        for flag, given in (
+            ("--shard", args.shard),
+            ("--merge", args.merge),
+            ("--resume", args.resume),
+        )
+        if given
+    ]
+    if args.dask and clash:
+        raise TLError(
+            f"--dask splits, resumes and merges shards itself; drop {clash[0]} (re-run "
+            f"the same --dask command to resume it)."
+        )
+
+
 def _command(args: argparse.Namespace) -> int:
     from tl import features, store
+    from tl.engines import missing_packages
 
     if cli.handle_info(args):
         return 0
+    _check_dask_options(args)
     options = {"batch_size": args.batch_size, "progress": not args.quiet}
+    # With OpenVINO installed, a long run measures the faster engines' speed instead.
+    measured = not args.no_speed_hint and not missing_packages("openvino")
     if args.merge:
         if not args.output:
             raise TLError("--merge needs --output, the merged store to write.")
@@ -153,13 +189,17 @@ def _command(args: argparse.Namespace) -> int:
             compression=None if args.compression == "none" else args.compression,
             shard=_shard(args.shard),
             overwrite=args.overwrite,
+            client=args.dask,
+            keep_shards=args.keep_shards,
+            speed_hint=measured and not args.dask,
             **options,
         )
     print(
         f"{result.path}: {result.rows} rows, {len(result.skipped)} skipped"
         + (f", {result.images_per_second:.1f} images/s" if result.seconds else "")
     )
-    if result.seconds:
+    engine = result.settings.engine.name
+    if result.seconds and not (args.no_speed_hint or measured or engine != "keras"):
         cli.print_precision_hint(result.settings.backbone)
     return 0
 

@@ -17,6 +17,8 @@ from tl import cli
 
 
 def build_parser() -> cli.ArgumentParser:
+    from tl.engines import PRECISIONS, list_engines
+
     parser = cli.ArgumentParser(
         description="Classify images with a saved tl model.",
     )
@@ -26,6 +28,26 @@ def build_parser() -> cli.ArgumentParser:
         "-o", "--output", default="predictions.csv", help="CSV to write"
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    codes = parser.add_argument_group(
+        "codes of a linear probe", "[those of its training codes]"
+    )
+    codes.add_argument(
+        "--engine",
+        choices=list_engines(),
+        help="engine computing the codes",
+    )
+    codes.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="compute precision of the codes",
+    )
+    codes.add_argument(
+        "--allow-engine-mismatch",
+        action="store_true",
+        help="accept an --engine or --precision other than the training codes': "
+        "the codes then differ from those the classifier learned (int8 ones "
+        "noticeably), so predictions can be worse",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -35,7 +57,13 @@ def _command(args: argparse.Namespace) -> int:
 
     output = cli.check_output(args.output, "-o/--output")
     table = predict_images(
-        args.model, args.inputs, batch_size=args.batch_size, progress=not args.quiet
+        args.model,
+        args.inputs,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        engine=args.engine,
+        precision=args.precision,
+        allow_engine_mismatch=args.allow_engine_mismatch,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)

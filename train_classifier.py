@@ -102,8 +102,9 @@ def build_parser() -> cli.ArgumentParser:
         "--jobs",
         type=int,
         default=defaults.jobs,
-        help="parallel CV fits (-1: all cores)",
+        help="parallel CV fits (-1: all cores, or all threads of the --dask workers)",
     )
+    cli.add_dask_option(run)
     run.add_argument("--save", choices=["best", "all"], default="best")
     run.add_argument(
         "--out-of-core",
@@ -145,7 +146,11 @@ def _command(args: argparse.Namespace) -> int:
     settings = evaluation.ComparisonSettings.from_json(vars(args))
     with FeatureStore(args.store) as store:
         result = evaluation.compare(
-            store, settings, test_store=args.test_store, progress=not args.quiet
+            store,
+            settings,
+            test_store=args.test_store,
+            progress=not args.quiet,
+            client=args.dask,
         )
         print(reports.format_leaderboard(result))
         invocation = {"arguments": vars(args), "versions": library_versions()}

@@ -1,13 +1,17 @@
 """Extraction benchmark: prints its figures (ratios measured in one run).
 
-    python bench/extraction.py [--images 320] [--sections a b c d e]
+    python bench/extraction.py [--images 320] [--sections a b c d e f] [--repeats 1]
 
 (a) end-to-end extraction (JPEG folder → HDF5 file) vs pure inference of the same
     compiled extractor on in-memory tensors (the ceiling), per backbone at 224x224;
 (b) 3 layers vs 1 layer in one pass;
 (c) peak RSS at N and 4N images, tl vs the naive way (bench/naive_extraction.py);
 (d) wall time, tl vs the naive way, 3 layers of ResNet50;
-(e) --precision bfloat16 vs float32 for VGG16: speed and cosine of the codes.
+(e) --precision bfloat16 vs float32 for VGG16: speed and cosine of the codes;
+(f) engines: Keras float32 vs OpenVINO float32, bfloat16 and int8 (calibrated on
+    300 of the folder's images), VGG16 and ResNet50, 3 layers, end to end (needs
+    the openvino extra; the converted models go to a fresh cache, so the one-off
+    conversion and calibration are measured too).
 
 Images are generated 500x375 JPEGs (tl.synthetic). Throughputs are steady state: the
 first batch (graph tracing, pipeline start) is excluded on both sides of a ratio.
@@ -38,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tl.engines import missing_packages  # noqa: E402
 from tl.features import (  # noqa: E402
     ExtractionSettings,
-    compiled_extractor,
     extract,
     load_extractor,
 )
@@ -71,21 +75,22 @@ def vgg16_weights() -> str:
 def inference_rate(settings: ExtractionSettings, images: int) -> float:
     """Images/s of the compiled extractor on an in-memory batch (steady state)."""
     extractor = load_extractor(settings)
-    codes_of = compiled_extractor(extractor.model)
+    codes_of = extractor.compiled.codes_of
     height, width = extractor.settings.image.size
     batch = tf.constant(
         np.random.default_rng(0).uniform(0, 255, (BATCH, height, width, 3)), tf.float32
     )
-    {key: value.numpy() for key, value in codes_of(batch).items()}  # trace, warm up
+    codes_of(batch)  # trace and warm up
     batches = max(1, math.ceil(images / BATCH) - 1)
     began = time.perf_counter()
     for _ in range(batches):
-        {key: value.numpy() for key, value in codes_of(batch).items()}
+        codes_of(batch)
     return batches * BATCH / (time.perf_counter() - began)
 
 
 def extraction_rate(folder: Path, settings: ExtractionSettings, output: Path):
-    """(steady-state images/s, total seconds) of tl.extract on a JPEG folder."""
+    """(steady-state images/s, total seconds, steady-state CPU ms per image over
+    all of the process's threads) of tl.extract on a JPEG folder."""
     stamps = []
     began = time.perf_counter()
     extract(
@@ -95,11 +100,13 @@ def extraction_rate(folder: Path, settings: ExtractionSettings, output: Path):
         batch_size=BATCH,
         overwrite=True,
         progress=False,
-        on_batch=lambda done, total: stamps.append((time.perf_counter(), done)),
+        on_batch=lambda done, total: stamps.append(
+            (time.perf_counter(), time.process_time(), done)
+        ),
     )
     total = time.perf_counter() - began
-    (t1, d1), (t2, d2) = stamps[0], stamps[-1]
-    return (d2 - d1) / (t2 - t1), total
+    (t1, c1, d1), (t2, c2, d2) = stamps[0], stamps[-1]
+    return (d2 - d1) / (t2 - t1), total, 1000 * (c2 - c1) / (d2 - d1)
 
 
 def measured(command: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -137,7 +144,7 @@ def section_a(results: dict, images: int, weights_vgg: str) -> None:
             image_size=224,
         )
         ceiling = inference_rate(settings, images)
-        rate, total = extraction_rate(folder, settings, OUT / f"a_{backbone}.h5")
+        rate, total, _ = extraction_rate(folder, settings, OUT / f"a_{backbone}.h5")
         results.setdefault("a", {})[backbone] = {
             "inference_images_per_s": ceiling,
             "extract_images_per_s": rate,
@@ -164,7 +171,7 @@ def section_b(results: dict, images: int, weights_vgg: str) -> None:
             settings = ExtractionSettings.create(
                 backbone=backbone, weights=weights, layers=selected, image_size=224
             )
-            rates[label], _ = extraction_rate(folder, settings, OUT / "b.h5")
+            rates[label], _, _ = extraction_rate(folder, settings, OUT / "b.h5")
         cost = rates["1 layer"] / rates["3 layers"]
         results.setdefault("b", {})[backbone] = {**rates, "time_ratio_3_vs_1": cost}
         print(
@@ -252,7 +259,7 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
             precision=precision,
         )
         stores[precision] = OUT / f"e_{precision}.h5"
-        rate, _ = extraction_rate(folder, settings, stores[precision])
+        rate, _, _ = extraction_rate(folder, settings, stores[precision])
         figures[precision] = {
             "extract": rate,
             "inference": inference_rate(settings, images),
@@ -263,8 +270,7 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
         FeatureStore(stores["bfloat16"]) as half,
     ):
         for layer in layers:
-            x, y = full.read(layer), half.read(layer)
-            cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+            cos = _cosines(full.read(layer), half.read(layer))
             cosines[layer] = {"min": float(cos.min()), "mean": float(cos.mean())}
     speedup = figures["bfloat16"]["extract"] / figures["float32"]["extract"]
     speedup_inf = figures["bfloat16"]["inference"] / figures["float32"]["inference"]
@@ -310,10 +316,101 @@ def section_e(results: dict, images: int, weights_vgg: str) -> None:
         )
 
 
+ENGINE_RUNS = [
+    ("keras", "float32"),
+    ("openvino", "float32"),
+    ("openvino", "bfloat16"),
+    ("openvino", "int8"),
+]
+ENGINE_TARGETS = {("openvino", "bfloat16"): 1.8, ("openvino", "int8"): 3.0}
+
+
+def section_f(results: dict, images: int, weights_vgg: str, repeats: int) -> None:
+    print(
+        f"\n(f) engines, end to end (JPEG folder -> HDF5), 224x224, 3 layers, avg; "
+        f"best of {repeats} round(s)"
+    )
+    if missing_packages("openvino"):
+        print("skipped: pip install 'tl[openvino]' first")
+        return
+    folder = jpeg_folder(images)
+    cases = [
+        ("vgg16", weights_vgg, ["block3", "block4", "block5"]),
+        ("resnet50", "none", RESNET_LAYERS),
+    ]
+    print(
+        f"{'backbone':<10}{'engine':<10}{'precision':<11}{'img/s':>8}{'ratio':>7}"
+        f"{'CPU ms/img':>12}{'ratio':>7}{'target':>8}{'one-off s':>11}"
+        f"{'min cosine':>12}"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TL_CACHE_DIR"] = cache  # conversions and calibration from scratch
+        for backbone, weights, layers in cases:
+            rows: dict[tuple[str, str], dict] = {}
+            for _ in range(repeats):  # rounds over every engine, so noise hits all
+                for engine, precision in ENGINE_RUNS:
+                    settings = ExtractionSettings(
+                        backbone=backbone,
+                        weights=weights,
+                        layers=layers,
+                        image_size=224,
+                        engine=engine,
+                        precision=precision,
+                    )
+                    store = OUT / f"f_{backbone}_{engine}_{precision}.h5"
+                    rate, total, cpu = extraction_rate(folder, settings, store)
+                    row = rows.setdefault(
+                        (engine, precision),  # one-off costs: the first round's
+                        {"store": str(store), "one_off_s": total - images / rate},
+                    )
+                    row["images_per_s"] = max(row.get("images_per_s", 0), rate)
+                    row["cpu_ms_per_image"] = min(
+                        row.get("cpu_ms_per_image", math.inf), cpu
+                    )
+            reference = rows["keras", "float32"]
+            for (engine, precision), row in rows.items():
+                row["ratio"] = row["images_per_s"] / reference["images_per_s"]
+                row["cpu_ratio"] = (
+                    reference["cpu_ms_per_image"] / row["cpu_ms_per_image"]
+                )
+                row["min_cosine"] = _min_cosine(reference["store"], row["store"])
+                print(
+                    f"{backbone:<10}{engine:<10}{precision:<11}"
+                    f"{row['images_per_s']:>8.1f}{row['ratio']:>7.2f}"
+                    f"{row['cpu_ms_per_image']:>12.0f}{row['cpu_ratio']:>7.2f}"
+                    f"{ENGINE_TARGETS.get((engine, precision), ''):>8}"
+                    f"{max(0.0, row['one_off_s']):>11.0f}{row['min_cosine']:>12.5f}"
+                )
+            results.setdefault("f", {})[backbone] = {
+                " ".join(key): row for key, row in rows.items()
+            }
+        del os.environ["TL_CACHE_DIR"]
+
+
+def _min_cosine(reference: str, other: str) -> float:
+    """The smallest cosine between rows of two stores' codes, over every layer."""
+    with FeatureStore(reference) as base, FeatureStore(other) as store:
+        return min(
+            float(_cosines(base.read(layer), store.read(layer)).min())
+            for layer in base.layers
+        )
+
+
+def _cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=320, help="N (multiple of 32)")
-    parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d", "e"])
+    parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d", "e", "f"])
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="(f): rounds over every engine; the best rate of each is reported "
+        "(on a shared machine, 2 or more)",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     flags = Path("/proc/cpuinfo").read_text()
@@ -340,6 +437,8 @@ def main() -> None:
         section_cd(results, args.images)
     if "e" in args.sections:
         section_e(results, args.images, weights_vgg)
+    if "f" in args.sections:
+        section_f(results, args.images, weights_vgg, args.repeats)
     (OUT / "extraction.json").write_text(json.dumps(results, indent=2))
 
 

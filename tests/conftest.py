@@ -110,6 +110,26 @@ def write_store(path, layers, labels, class_names, settings=None, complete=True)
     return path
 
 
+def assert_same_store(expected_path, got_path):
+    """Two stores hold the same extraction: rows in the same order, the same skipped
+    and ignored files, and the same codes (to float32 rounding)."""
+    from tl.store import FeatureStore
+
+    with FeatureStore(expected_path) as expected, FeatureStore(got_path) as got:
+        assert got.paths == expected.paths
+        assert got.labels.tolist() == expected.labels.tolist()
+        assert got.positions.tolist() == expected.positions.tolist()
+        assert got.skipped == expected.skipped
+        assert got.ignored == expected.ignored
+        assert got.class_names == expected.class_names
+        assert got.num_images == expected.num_images
+        assert got.layers == expected.layers
+        for layer in expected.layers:
+            np.testing.assert_allclose(
+                got.read(layer), expected.read(layer), rtol=1e-5, atol=1e-6
+            )
+
+
 def blobs(n_per_class=60, classes=3, dim=12, separation=4.0, seed=0):
     """Gaussian blobs: separable codes and their labels."""
     rng = np.random.default_rng(seed)

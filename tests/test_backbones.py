@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import threading
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -168,6 +172,28 @@ def test_random_weights_are_the_same_in_every_build():
     _, second = _build("efficientnetb0")
     assert [w.name for w in first.weights] == [w.name for w in second.weights]
     for a, b in zip(first.weights, second.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_random_weights_do_not_depend_on_other_threads():
+    """Keras seeds each initializer from Python's shared random generator: a thread
+    drawing numbers meanwhile (a Dask worker's event loop) changed the weights."""
+    _spec, quiet = _build("vgg16")
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            random.random()
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=draw)
+    thread.start()
+    try:
+        _spec, busy = _build("vgg16")
+    finally:
+        stop.set()
+        thread.join()
+    for a, b in zip(quiet.weights, busy.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 

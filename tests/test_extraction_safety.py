@@ -18,8 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, assert_one_line_error, settings, write_png_tree
-from test_features import _assert_same_store
+from conftest import (
+    SMALL,
+    assert_one_line_error,
+    assert_same_store,
+    settings,
+    write_png_tree,
+)
 
 import extract_features
 import train_classifier
@@ -121,7 +126,7 @@ def test_running_extraction_refuses_second_writer_and_readers_wait(tmp_path, cap
     assert not lock_path(output).exists()
     reference = tmp_path / "reference.h5"
     extract(root, reference, settings(), batch_size=5, progress=False)
-    _assert_same_store(reference, output)
+    assert_same_store(reference, output)
 
 
 def test_killed_overwrite_leaves_the_old_store_and_resumes(tmp_path):
@@ -139,7 +144,7 @@ def test_killed_overwrite_leaves_the_old_store_and_resumes(tmp_path):
         overwrite=True,
     )
     assert writer.wait(timeout=120) == -signal.SIGKILL, writer.stderr.read()
-    _assert_same_store(old, output)  # untouched, complete and readable
+    assert_same_store(old, output)  # untouched, complete and readable
     with FeatureStore(replacement_path(output), require_complete=False) as partial:
         assert len(partial) == 6
 
@@ -150,7 +155,7 @@ def test_killed_overwrite_leaves_the_old_store_and_resumes(tmp_path):
     assert not replacement_path(output).exists()
     reference = tmp_path / "reference.h5"
     extract(root, reference, settings(), progress=False)
-    _assert_same_store(reference, output)
+    assert_same_store(reference, output)
 
 
 @pytest.fixture
@@ -210,7 +215,7 @@ def test_writes_refused_by_the_os_stop_in_one_line_and_resume(flat_store, tmp_pa
     # it: re-running repairs that and resumes, as it resumes the other
     for output in (reserved, unreserved):
         assert extract_features.main([str(root), *CLI, *FLAT, "-o", str(output)]) == 0
-        _assert_same_store(reference, output)
+        assert_same_store(reference, output)
 
 
 def test_free_space_is_checked_before_each_batch(tmp_path, capsys, monkeypatch):
@@ -251,7 +256,7 @@ def test_free_space_is_checked_before_each_batch(tmp_path, capsys, monkeypatch):
     with FeatureStore(output, require_complete=False) as partial:
         assert len(partial) == 4
     assert extract_features.main(args) == 0
-    _assert_same_store(reference, output)
+    assert_same_store(reference, output)
 
 
 @pytest.fixture
@@ -289,4 +294,4 @@ def test_disk_filling_up_stops_between_batches_and_resumes(flat_store, small_dis
         assert len(partial) == 8
     ballast.unlink()
     extract(root, output, flat, batch_size=4, progress=False)
-    _assert_same_store(reference, output)
+    assert_same_store(reference, output)

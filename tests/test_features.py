@@ -13,7 +13,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import SMALL, load_pngs, settings, write_png_tree
+from conftest import SMALL, assert_same_store, load_pngs, settings, write_png_tree
 
 from tl.errors import TLError
 from tl.features import Pooling, extract, resume
@@ -247,20 +247,7 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_rows(png_tree, tmp
         assert len(partial.skipped) == 1  # bee/broken.png sorts at position 5
     result = extract(png_tree, output, settings(), batch_size=3, progress=False)
     assert result.images_processed == 16 - 7
-    _assert_same_store(reference, output)
-
-
-def _assert_same_store(expected_path, got_path):
-    with FeatureStore(expected_path) as expected, FeatureStore(got_path) as got:
-        assert got.paths == expected.paths
-        assert got.labels.tolist() == expected.labels.tolist()
-        assert got.positions.tolist() == expected.positions.tolist()
-        assert got.skipped == expected.skipped
-        assert got.layers == expected.layers
-        for layer in expected.layers:
-            np.testing.assert_allclose(
-                got.read(layer), expected.read(layer), rtol=1e-5, atol=1e-6
-            )
+    assert_same_store(reference, output)
 
 
 def test_sigkilled_process_resumes_with_no_duplicate_or_missing_rows(tmp_path):
@@ -295,7 +282,7 @@ def test_sigkilled_process_resumes_with_no_duplicate_or_missing_rows(tmp_path):
     assert json.loads(lock_path(output).read_text())["pid"] == process.pid
     resume(output, progress=False, batch_size=5)
     assert not lock_path(output).exists()
-    _assert_same_store(reference, output)
+    assert_same_store(reference, output)
 
 
 def test_changed_settings_are_refused_unless_overwrite(png_tree, tmp_path):
@@ -338,7 +325,7 @@ def test_shards_merge_into_the_single_run_store(png_tree, tmp_path):
     with pytest.raises(TLError, match=r"each of 0\.\.2 exactly once"):
         merge_stores(shards[:2], tmp_path / "partial.h5")
     merged = merge_stores(list(reversed(shards)), tmp_path / "merged.h5")
-    _assert_same_store(reference, merged)
+    assert_same_store(reference, merged)
     with FeatureStore(merged) as store:
         assert store.ignored == [("loose.png", "not inside a class folder")]
 
@@ -364,7 +351,7 @@ def test_interrupted_shard_keeps_its_committed_skipped_files(png_tree, tmp_path)
     with FeatureStore(output, require_complete=False) as partial:
         assert partial.skipped == [(10, "cat/img_001.png", partial.skipped[0][2])]
     extract(png_tree, output, settings(), shard=(1, 2), batch_size=2, progress=False)
-    _assert_same_store(reference, output)
+    assert_same_store(reference, output)
 
 
 def test_refuses_when_codes_do_not_fit_on_disk(png_tree, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from tl.images import ImageSettings
 STORE_KEYS = {
     "backbone", "weights", "precision", "seed", "image_size", "resize",
     "interpolation", "antialias", "max_pixels", "layers", "pooling", "dtype",
-    "labels",
+    "labels", "engine", "calibration_images", "calibration_source",
 }  # fmt: skip
 
 
@@ -174,6 +174,7 @@ def test_every_option_of_the_scripts_reaches_its_setting(tmp_path):
     }
     shared = [text for option in given.values() for text in option]
     extraction = [*shared, "-l", "block1", "block2", "-p", "max", "--dtype", "float16"]
+    extraction += ["--engine", "openvino"]
     args = extract_features.build_parser().parse_args(["src", *extraction])
     assert ExtractionSettings.json_keys() - {"labels"} <= vars(args).keys()
     settings = ExtractionSettings.from_json(vars(args))
@@ -183,6 +184,9 @@ def test_every_option_of_the_scripts_reaches_its_setting(tmp_path):
         "pooling": ["max", "max"],
         "dtype": "float16",
         "labels": "inferred",
+        "engine": "openvino",
+        "calibration_images": None,  # int8 only
+        "calibration_source": None,
     }
     tuning = {
         "pooling": ("--pooling", "max", "max"),

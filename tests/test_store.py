@@ -300,3 +300,72 @@ def test_merge_holds_the_writer_lock_and_keeps_foreign_files(tmp_path):
     with pytest.raises(TLError, match=r"not a tl feature store .* not be replaced"):
         merge_stores([tmp_path / "shard0.h5"], output, overwrite=True)
     assert output.read_text() == "my notes"
+
+
+def _create_shard(path, index, count, num_images):
+    return StoreWriter.create(
+        path,
+        settings={"backbone": "x"},
+        provenance={},
+        layers=LAYERS,
+        class_names=["neg", "pos"],
+        num_images=num_images,
+        index_sha256="abc",
+        shard={"index": index, "count": count},
+    )
+
+
+def test_resumed_version_1_shard_keeps_its_committed_skipped_files(tmp_path):
+    """Shard 1 of 2 covers positions 6..11. Its skipped positions count from the
+    start of the index, its images_done from 6: a version 1 file (no skipped_rows
+    counter) kept none of them on resume."""
+    path = tmp_path / "shard1.h5"
+    writer = _create_shard(path, 1, 2, 6)
+    writer.write_batch(*_batch([7]), skipped=[(6, "img6.png", "bad")], images_done=2)
+    writer.write_batch(*_batch([8]), skipped=[(9, "img9.png", "bad")], images_done=4)
+    handle = writer._file  # a batch appended but not committed: row 10, 11 skipped
+    for name in ("features/a", "features/b", "labels", "positions", "paths"):
+        handle[name].resize(3, axis=0)
+    handle["positions"][2] = 10
+    for name in ("skipped/positions", "skipped/paths", "skipped/reasons"):
+        handle[name].resize(3, axis=0)
+    handle["skipped/positions"][2] = 11
+    writer.close()
+    with h5py.File(path, "r+") as handle:  # what schema version 1 wrote
+        del handle["ignored"]
+        del handle.attrs["skipped_rows"]
+        handle.attrs["schema_version"] = 1
+    with FeatureStore(path, require_complete=False) as partial:
+        assert [p for p, _, _ in partial.skipped] == [6, 9]
+    resumed = StoreWriter.resume(path)
+    resumed.write_batch(*_batch([10, 11]), skipped=[], images_done=6)
+    resumed.finish()
+    with FeatureStore(path) as store:
+        assert store.positions.tolist() == [7, 8, 10, 11]
+        assert store.skipped == [(6, "img6.png", "bad"), (9, "img9.png", "bad")]
+
+
+def test_merge_copies_every_block_of_rows_once_in_order(tmp_path, monkeypatch):
+    import tl.store
+
+    monkeypatch.setattr(tl.store, "_MERGE_BLOCK_ROWS", 2)
+    shards = []
+    for index, (rows, skipped) in enumerate([([0, 1, 3, 4], 2), ([5, 6, 7, 9], 8)]):
+        shards.append(tmp_path / f"shard{index}.h5")
+        with _create_shard(shards[-1], index, 2, 5) as writer:
+            writer.write_batch(
+                *_batch(rows),
+                skipped=[(skipped, f"img{skipped}.png", "bad")],
+                images_done=5,
+            )
+            writer.finish()
+    merged = merge_stores(shards[::-1], tmp_path / "merged.h5")
+    with FeatureStore(merged) as store:
+        expected = [0, 1, 3, 4, 5, 6, 7, 9]
+        assert store.positions.tolist() == expected
+        assert store.paths == [f"img{r}.png" for r in expected]
+        assert store.labels.tolist() == [r % 2 for r in expected]
+        np.testing.assert_array_equal(store.read("a")[:, 0], expected)
+        np.testing.assert_array_equal(store.read("b")[:, 0, 0, 0], expected)
+        assert [p for p, _, _ in store.skipped] == [2, 8]
+        assert store.num_images == 10 and store.complete

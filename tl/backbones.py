@@ -10,23 +10,28 @@ weights (`imagenet`, a local file or `none`) and records where they came from;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import math
+import random
 import re
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import keras
 import numpy as np
 
+from tl._checks import check_choice
 from tl._keras_compat import inbound_layer_names, recorded_downloads, weights_cache
 from tl._settings import FlatSettings
+from tl.engines import PRECISIONS
 from tl.errors import TLError, known_names
-from tl.precision import check_precision, compute_policy
+from tl.precision import compute_policy
 
 PREPROCESSING_MODES = {
     "caffe": "RGB→BGR, minus the ImageNet mean pixel, no scaling",
@@ -193,7 +198,8 @@ class BackboneSettings(FlatSettings):
         name: registry name (`tl.list_backbones()`), normalised (`ResNet-50` →
             `resnet50`).
         weights: `imagenet`, `none` (random) or a weights file, made absolute.
-        precision: compute precision (`float32`, `bfloat16`, `float16`).
+        precision: compute precision (`float32`, `bfloat16`, `float16`; `int8` for
+            extraction with the openvino engine, see `tl.engines`).
         seed: random initialisation seed (`weights=none`).
     """
 
@@ -207,7 +213,7 @@ class BackboneSettings(FlatSettings):
     def __post_init__(self):
         object.__setattr__(self, "name", get_backbone(self.name).name)
         object.__setattr__(self, "weights", normalize_weights(self.weights))
-        check_precision(self.precision)
+        check_choice("precision", self.precision, PRECISIONS)  # any engine's
 
     @property
     def spec(self) -> BackboneSpec:
@@ -280,6 +286,45 @@ def normalize_weights(weights: str | Path | None) -> str:
     return str(path.resolve())
 
 
+_PYTHON_RANDOM = ("random", "randint", "randrange", "getrandbits", "uniform")
+_python_random_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded_python_random(seed: int) -> Iterator[None]:
+    """Python's module-level random functions give this thread the numbers of a
+    generator of its own, seeded with `seed`, for the duration; other threads keep
+    the shared one.
+
+    Keras draws the seed of each weight initializer from Python's shared generator
+    (`random.randint`) as it makes each layer, so a thread that draws numbers
+    meanwhile (the event loop of a Dask worker or client) would change random
+    weights that `seed` must fix. Seeded the same way, the numbers are those the
+    shared generator gives after `random.seed(seed)` in a process of one thread.
+    """
+    own = random.Random(seed)
+    builder = threading.get_ident()
+    with _python_random_lock:  # builds one at a time: no nested replacements
+        shared = {name: getattr(random, name) for name in _PYTHON_RANDOM}
+
+        def dispatch(name: str) -> Callable:
+            mine, theirs = getattr(own, name), shared[name]
+
+            def draw(*args, **kwargs):
+                chosen = mine if threading.get_ident() == builder else theirs
+                return chosen(*args, **kwargs)
+
+            return draw
+
+        for name in _PYTHON_RANDOM:
+            setattr(random, name, dispatch(name))
+        try:
+            yield
+        finally:
+            for name, function in shared.items():
+                setattr(random, name, function)
+
+
 def build_backbone(
     spec: BackboneSpec,
     image_size: tuple[int, int],
@@ -295,13 +340,15 @@ def build_backbone(
         image_size: input (height, width).
         weights: `imagenet` (Keras' download and cache), a path to a weights file of
             the same architecture without top, or `none`/None for random weights.
-        precision: compute precision (`float32`, `bfloat16`, `float16`).
+        precision: compute precision (`float32`, `bfloat16`, `float16`; `int8` for
+            extraction with the openvino engine, see `tl.engines`).
         seed: seed of the random initialisation, so that `weights=none` models are
             the same in every process (a resumed extraction must see the same net).
 
     Keras' session state is cleared first: auto-generated layer names
     (`activation_12`) then do not depend on what the process built before, so the
-    layer names stored with codes always denote the same layers.
+    layer names stored with codes always denote the same layers. Random weights do
+    not depend on other threads either (see `_seeded_python_random`).
 
     Returns:
         The Keras model (outputs the last feature map) and a record of its weights.
@@ -315,6 +362,7 @@ def build_backbone(
     keras.utils.set_random_seed(seed)
     keras_weights = None if weights == "none" else weights
     with (
+        _seeded_python_random(seed),
         compute_policy(precision),
         recorded_downloads() as calls,
         warnings.catch_warnings(),

@@ -11,6 +11,7 @@ here, with their defaults taken from the settings dataclasses.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from tl.errors import TLError
 
 if TYPE_CHECKING:
     from tl.backbones import BackboneSettings
+    from tl.engines import EngineSettings
     from tl.images import ImageSettings
 
 EXIT_ERROR = 2
@@ -148,14 +150,14 @@ def add_backbone_options(
     parser: argparse.ArgumentParser,
     defaults: BackboneSettings,
     *,
+    engine: EngineSettings | None = None,
     backbone_help: str = "backbone name (see --list-backbones)",
     seed_help: str = "random initialisation seed (--weights none)",
     weights_help: str = "imagenet, none (random, for tests) or a weights file",
 ) -> None:
     """-b/--backbone, -w/--weights, --precision and --seed on `parser` (or one of
-    its argument groups), their defaults from `defaults`."""
-    from tl.precision import PRECISIONS
-
+    its argument groups), their defaults from `defaults`; with `engine`, the engine
+    options too (`add_engine_options`), and --precision offers every engine's."""
     parser.add_argument("-b", "--backbone", default=defaults.name, help=backbone_help)
     parser.add_argument(
         "-w",
@@ -163,14 +165,76 @@ def add_backbone_options(
         default=defaults.weights,
         help=weights_help,
     )
-    parser.add_argument(
-        "--precision",
-        default=defaults.precision,
-        choices=list(PRECISIONS),
-        help="compute precision; the half types run the layers in half precision, "
-        "with float32 weights, pooling and head",
-    )
+    add_precision_option(parser, defaults.precision, engines=engine is not None)
     parser.add_argument("--seed", type=int, default=defaults.seed, help=seed_help)
+    if engine is not None:
+        add_engine_options(parser, engine)
+
+
+def add_precision_option(
+    parser: argparse.ArgumentParser, default: str | None, *, engines: bool
+) -> None:
+    """--precision: the Keras engine's precisions, or with `engines` every engine's.
+    A default of None means that of a model's training codes (predict.py)."""
+    from tl.engines import PRECISIONS, get_engine, list_engines
+
+    help = (
+        "compute precision; the half types run the layers in half precision, with "
+        "float32 weights, pooling and head"
+    )
+    choices = get_engine("keras").precisions
+    if engines:
+        choices = PRECISIONS
+        for precision in PRECISIONS:
+            names = [n for n in list_engines() if precision in get_engine(n).precisions]
+            if len(names) < len(list_engines()):
+                help += f"; {precision} with --engine {' or '.join(names)} only"
+    if default is None:
+        help += " [that of the training codes]"
+    parser.add_argument("--precision", default=default, choices=choices, help=help)
+
+
+def add_engine_options(
+    parser: argparse.ArgumentParser, defaults: EngineSettings | None
+) -> None:
+    """--engine, --calibration-images and --calibration-source on `parser` (or one
+    of its argument groups), their defaults from `defaults`; None means those of a
+    model's training codes (predict.py)."""
+    from tl.engines import DEFAULT_CALIBRATION_IMAGES, get_engine, list_engines
+
+    trained = defaults is None
+    values = (None,) * 3 if trained else dataclasses.astuple(defaults)
+    name, images, source = values
+    parser.add_argument(
+        "--engine",
+        default=name,
+        choices=list_engines(),
+        help="what runs the extractor: "
+        + "; ".join(
+            f"{name}, {get_engine(name).description}" for name in list_engines()
+        )
+        + (" [that of the training codes]" if trained else ""),
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        metavar="N",
+        default=images,
+        help="int8: calibrate on a stratified sample of N images "
+        + ("[as the training codes]" if trained else f"[{DEFAULT_CALIBRATION_IMAGES}]"),
+    )
+    parser.add_argument(
+        "--calibration-source",
+        metavar="TRAIN",
+        default=source,
+        help="int8: the training images (folder or CSV) to calibrate on "
+        + (
+            "[those of the training codes]"
+            if trained
+            else "[SOURCE]; give it when SOURCE is a test folder, so that test "
+            "images never calibrate"
+        ),
+    )
 
 
 def add_image_options(
@@ -358,3 +422,13 @@ class ListOption(argparse.Action):
             name = getattr(self.convert, "__name__", repr(self.convert))
             parser.error(f"argument {flags}: invalid {name} value: {trailing[0]!r}")
         getattr(namespace, self.dest).extend(trailing)
+
+
+def add_dask_option(group) -> None:
+    """`--dask CLUSTER`: run the script's parallel work on Dask (`tl.distributed`)."""
+    group.add_argument(
+        "--dask",
+        metavar="CLUSTER",
+        help="run on Dask (pip install 'tl[dask]'): local:N for N worker processes "
+        "on this machine, or a scheduler address such as tcp://host:8786",
+    )

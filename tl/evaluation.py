@@ -21,11 +21,13 @@ Data problems (empty store, one class, tiny classes, non-finite codes) raise a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.decomposition import IncrementalPCA
@@ -51,6 +53,9 @@ from tl.errors import TLError
 from tl.provenance import identity_differences, layer_identity
 from tl.reports import METRICS, classification_metrics, metric_rows
 from tl.store import FeatureStore
+
+if TYPE_CHECKING:  # only with the dask extra
+    from distributed import Client
 
 log = logging.getLogger("tl")
 PROTOCOLS = ("holdout", "cv")
@@ -204,6 +209,19 @@ class _Data:
     test_labels: np.ndarray | None
     folds: int
     adjustments: list[str]
+    client: object = None  # a Dask client: CV fits run on its workers
+
+    def search_codes(self, layer: str, positions: np.ndarray, X=None):
+        """The codes a CV search runs on: rows `positions` of `self.rows`, taken
+        from `X` (the layer's codes of `self.rows`) or read from the store; on a Dask
+        client, rows that the workers read from the store themselves."""
+        if self.client is not None:
+            from tl.distributed import StoreRows
+
+            return StoreRows(self.store, layer, self.rows[positions])
+        if X is None:
+            return as_features(self.store.read(layer, self.rows[positions]))
+        return X[positions]
 
 
 def _note(adjustments: list[str], text: str) -> None:
@@ -415,8 +433,11 @@ def _pipeline(
     )
 
 
-def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> _Search:
-    """Grid search by stratified k-fold CV: best parameters and their fold scores."""
+def _search(
+    classifier: str, X, y, folds: int, settings: ComparisonSettings, client=None
+) -> _Search:
+    """Grid search by stratified k-fold CV: best parameters and their fold scores
+    (the fits run on the workers of a Dask `client` if one is given)."""
     if settings.pca and settings.pca > min(X.shape[1], len(X) - len(X) // folds):
         raise TLError(
             f"--pca {settings.pca} is more than the codes allow: {X.shape[1]} "
@@ -432,7 +453,7 @@ def _search(classifier: str, X, y, folds: int, settings: ComparisonSettings) -> 
         refit=False,
         error_score="raise",
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _parallel_backend(client):
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(X, y)
     best = search.best_index_
@@ -460,6 +481,14 @@ def choose_hyperparameters(
     rows = _subsample(np.arange(len(y)), y, settings.search_rows, settings.seed)
     found = _search(classifier, X[rows], y[rows], folds, settings)
     return found.params, found.fold_scores
+
+
+def _parallel_backend(client):
+    if client is None:
+        return contextlib.nullcontext()
+    from tl.distributed import search_backend
+
+    return search_backend(client)
 
 
 def _selection_key(fold_scores: list[float]) -> tuple[float, float]:
@@ -633,12 +662,11 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
                     f"no low-shot curve for layer {layer!r}: it is trained out of "
                     f"core, and low-shot training needs its codes in memory",
                 )
-            X_search = as_features(data.store.read(layer, data.rows[search_rows]))
             X = None
         else:
             names = list(settings.classifiers)
             X = as_features(data.store.read(layer))[data.rows]
-            X_search = X[search_rows]
+        X_search = data.search_codes(layer, search_rows, X)
         X_test = None
         if not out_of_core:
             X_test = (
@@ -649,7 +677,12 @@ def _holdout(data, layers, settings, bar) -> tuple[list, list, dict]:
         for name in names:
             bar.set_postfix_str(f"{layer} {name}")
             found = _search(
-                name, X_search, data.labels[search_rows], data.folds, settings
+                name,
+                X_search,
+                data.labels[search_rows],
+                data.folds,
+                settings,
+                data.client,
             )
             if out_of_core:
                 pipeline, seconds = _fit_out_of_core(
@@ -791,10 +824,11 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, tuple, dict]
                 )
                 found = _search(
                     name,
-                    X[search_rows],
+                    data.search_codes(layer, search_rows, X),
                     data.labels[search_rows],
                     inner_folds,
                     settings,
+                    data.client,
                 )
                 pipeline, seconds = fit_pipeline(
                     name, found.params, X[train], data.labels[train], settings
@@ -813,7 +847,12 @@ def _nested(data, layers, settings, bar) -> tuple[list, list, list, tuple, dict]
                 )
                 bar.update()
             final[(layer, name)] = _search(
-                name, X[final_rows], data.labels[final_rows], inner_folds, settings
+                name,
+                data.search_codes(layer, final_rows, X),
+                data.labels[final_rows],
+                inner_folds,
+                settings,
+                data.client,
             )
             bar.update()
     candidates = []
@@ -879,6 +918,7 @@ def compare(
     *,
     test_store: str | FeatureStore | None = None,
     progress: bool = True,
+    client: Client | str | None = None,
     **setting_overrides,
 ) -> ComparisonResult:
     """Compare classifiers on each layer of a feature store (see module docstring).
@@ -889,19 +929,24 @@ def compare(
         test_store: a separate store of test images (same extraction settings and
             classes); then every row of `store` is training data.
         progress: show a progress bar over layer × classifier fits.
+        client: run the CV fits on a Dask cluster (`pip install 'tl[dask]'`): a
+            `distributed.Client`, `"local:N"` or a scheduler address (see
+            `tl.distributed.connected`). Its workers read the codes from the store
+            (at the same path), and the results equal a local run's.
 
     Returns:
         A `ComparisonResult`; `tl.reports.write_report` turns it into files.
     """
     settings = (settings or ComparisonSettings()).updated(**setting_overrides)
-    opened = []
-    if not isinstance(store, FeatureStore):
-        store = FeatureStore(store)
-        opened.append(store)
-    if test_store is not None and not isinstance(test_store, FeatureStore):
-        test_store = FeatureStore(test_store)
-        opened.append(test_store)
-    try:
+    if client is not None:
+        from tl.distributed import check_client
+
+        check_client(client)  # no Dask, or a malformed cluster: one line, at once
+    with contextlib.ExitStack() as stack:
+        if not isinstance(store, FeatureStore):
+            store = stack.enter_context(FeatureStore(store))
+        if test_store is not None and not isinstance(test_store, FeatureStore):
+            test_store = stack.enter_context(FeatureStore(test_store))
         layers = list(settings.layers or store.layers)
         for layer in layers:
             if layer not in store.layers:
@@ -912,6 +957,10 @@ def compare(
         if test_store is not None and settings.protocol != "holdout":
             raise TLError("A separate test store goes with the holdout protocol.")
         data = _prepare(store, test_store, layers, settings)
+        if client is not None:  # once the checks passed: a refusal costs nothing
+            from tl.distributed import connected
+
+            data.client = stack.enter_context(connected(client))
         if store.settings.get("weights") == "none":
             log.warning(
                 "note: %s holds codes of random weights (--weights none): these "
@@ -927,9 +976,6 @@ def compare(
             if settings.protocol == "holdout":
                 return _finish_holdout(data, layers, settings, bar)
             return _finish_nested(data, layers, settings, bar)
-    finally:
-        for handle in opened:
-            handle.close()
 
 
 def _finish_holdout(data, layers, settings, bar) -> ComparisonResult:

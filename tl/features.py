@@ -10,6 +10,7 @@ run left behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -17,10 +18,10 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
@@ -34,6 +35,15 @@ from tl.backbones import (
     layer_taps,
     resolve_layers,
 )
+from tl.engines import (
+    CompiledExtractor,
+    CompileRequest,
+    EngineSettings,
+    compile_extractor,
+    load_engine,
+)
+from tl.engines.calibration import Calibration, sample_calibration
+from tl.engines.hint import measured_speed_hint
 from tl.errors import TLError
 from tl.images import (
     ImageIndex,
@@ -43,6 +53,7 @@ from tl.images import (
 )
 from tl.locking import acquire
 from tl.provenance import (
+    INFERENCE_KEYS,
     Identity,
     codes_identity,
     identity_differences,
@@ -57,6 +68,9 @@ from tl.store import (
     repair_cut_short,
     replacement_path,
 )
+
+if TYPE_CHECKING:  # only with the dask extra
+    from distributed import Client
 
 log = logging.getLogger("tl")
 
@@ -194,20 +208,6 @@ def build_extractor(
     return keras.Model(pixels, outputs, name=f"{spec.name}_extractor")
 
 
-def compiled_extractor(extractor: keras.Model) -> Callable:
-    """The extractor (or any one-input model) as a graph function over any batch
-    size, in inference mode (traced once)."""
-
-    @tf.function(
-        input_signature=[tf.TensorSpec([None, *extractor.input_shape[1:]], tf.float32)],
-        reduce_retracing=True,
-    )
-    def codes_of(images):
-        return extractor(images, training=False)
-
-    return codes_of
-
-
 # ---------------------------------------------------------------------------------
 # Settings
 
@@ -232,6 +232,8 @@ class ExtractionSettings(FlatSettings):
         pooling: one pooling for all layers or one per layer (see `Pooling`).
         dtype: stored dtype (`float32` or `float16`).
         labels: `inferred` (class sub-folders) or None (unlabeled).
+        engine: what runs the extractor at the backbone's precision, and the int8
+            calibration sample (`tl.engines.EngineSettings`; Keras by default).
     """
 
     backbone: BackboneSettings = dataclasses.field(
@@ -242,6 +244,7 @@ class ExtractionSettings(FlatSettings):
     pooling: tuple[str, ...] = ("avg",)
     dtype: str = "float32"
     labels: str | None = "inferred"
+    engine: EngineSettings = dataclasses.field(default_factory=EngineSettings)
 
     def __post_init__(self):
         def set_(name, value):
@@ -258,6 +261,7 @@ class ExtractionSettings(FlatSettings):
         )
         check_choice("dtype", self.dtype, OUTPUT_DTYPES)
         check_choice("labels", self.labels, ("inferred", None))
+        set_("engine", self.engine.for_precision(self.backbone.precision))
 
     def resolved(self) -> ExtractionSettings:
         """These settings with the image size filled in from the backbone."""
@@ -274,6 +278,7 @@ class Extractor:
     poolings: list[Pooling]
     model: keras.Model
     weights: WeightsInfo
+    calibration: Calibration | None = None  # int8: the images it is calibrated on
 
     def layer_info(self) -> list[dict]:
         """Per-layer metadata stored in the feature store."""
@@ -295,9 +300,13 @@ class Extractor:
         ]
 
     def codes_settings(self) -> dict:
-        """Settings plus the resolved weights hash, as the store records them: what a
-        resumed run must match."""
-        return {**self.settings.to_json(), "weights_sha256": self.weights.sha256}
+        """Settings plus the resolved weights hash and that of the int8 calibration
+        sample, as the store records them: what a resumed run must match."""
+        return {
+            **self.settings.to_json(),
+            "weights_sha256": self.weights.sha256,
+            "calibration_sha256": self.calibration.sha256 if self.calibration else None,
+        }
 
     def identity(
         self, index: ImageIndex | None = None, *, hash_content: bool = False
@@ -309,23 +318,67 @@ class Extractor:
             index,
             weights_sha256=self.weights.sha256,
             layers=[tap.layer for tap in self.taps],
+            calibration_sha256=self.calibration.sha256 if self.calibration else None,
             hash_content=hash_content,
         )
+
+    def model_identity(self) -> dict:
+        """What determines the Keras model an engine converts: the codes' identity
+        without how they are run, plus the precision the model was built at and the
+        Keras version (the key of an engine's converted-model cache). Which images
+        are read (labels, size limit) changes the codes kept, not the model."""
+        values = self.identity().values
+        for key in (*INFERENCE_KEYS, "labels", "max_pixels"):
+            values.pop(key, None)
+        spec = self.settings.engine.spec
+        return {
+            **values,
+            "build_precision": spec.build_precision(self.settings.backbone.precision),
+            "keras_version": keras.__version__,
+        }
+
+    @functools.cached_property
+    def compiled(self) -> CompiledExtractor:
+        """The extractor compiled by the settings' engine on first use, once for all
+        the runs of this extractor (a Dask worker runs one per shard): the Keras
+        graph function, or an OpenVINO model converted (and calibrated) or read
+        from its cache."""
+        request = CompileRequest(
+            self.settings.backbone.precision, self.model_identity(), self.calibration
+        )
+        return compile_extractor(self.settings.engine.name, self.model, request)
 
 
 def load_extractor(settings: ExtractionSettings) -> Extractor:
     """Build the backbone, resolve and check its layers, and wrap the extractor.
 
     Everything that can be wrong with the settings fails here, before any image is
-    read: unknown backbone or layer, missing weights, bad sizes.
+    read: a missing engine, unknown backbone or layer, missing weights, bad sizes,
+    int8 without calibration images.
     """
     settings = settings.resolved()
+    engine = settings.engine
+    load_engine(engine.name)
+    if engine.calibration_images and engine.calibration_source is None:
+        raise TLError(
+            "int8 needs calibration images: set calibration_source to the training "
+            "images (--calibration-source)."
+        )
     spec = settings.backbone.spec
-    backbone, weights = settings.backbone.build(settings.image.size)
+    # An engine other than Keras applies the precision to a float32 model itself.
+    build_precision = engine.spec.build_precision(settings.backbone.precision)
+    backbone, weights = dataclasses.replace(
+        settings.backbone, precision=build_precision
+    ).build(settings.image.size)
     taps = resolve_layers(layer_taps(backbone, spec), list(settings.layers), spec.name)
     poolings = parse_poolings(settings.pooling, len(taps))
     model = build_extractor(backbone, spec, taps, poolings, settings.dtype)
-    return Extractor(spec, settings, taps, poolings, model, weights)
+    calibration = None
+    if engine.calibration_images:
+        calibration = sample_calibration(
+            engine.calibration_source, engine.calibration_images, settings.image
+        )
+    return Extractor(spec, settings, taps, poolings, model, weights, calibration)
 
 
 # ---------------------------------------------------------------------------------
@@ -363,7 +416,8 @@ def storage_plan(layer_info: list[dict], images: int) -> list[str]:
     return lines
 
 
-def _check_disk(path: Path, needed: int) -> None:
+def check_disk(path: Path, needed: int) -> None:
+    """Refuse, in one line, to write `needed` bytes beside `path` if they do not fit."""
     folder = path.absolute().parent
     free = shutil.disk_usage(folder).free
     if needed > free:
@@ -417,27 +471,39 @@ def _resume_store(
 ) -> StoreWriter | None:
     repair_cut_short(target)
     with FeatureStore(target, require_complete=False) as existing:
-        differences = identity_differences(
-            ExtractionSettings.with_defaults(existing.settings),
-            extractor.codes_settings(),
-            names=("file has", "this run asks"),
-        )
-        if existing.shard != shard:
-            differences.append(f"shard: file has {existing.shard}, this run {shard}")
-        if existing.index_sha256 != index.fingerprint():
-            differences.append(
-                f"input: the file indexed {existing.num_images} images, "
-                f"{str(index.root)!r} now gives {num_images} (or other paths or "
-                f"labels)"
-            )
+        check_same_extraction(existing, extractor, index, num_images, shard)
         complete = existing.complete
+    return None if complete else StoreWriter.resume(target)
+
+
+def check_same_extraction(
+    existing: FeatureStore,
+    extractor: Extractor,
+    index: ImageIndex,
+    num_images: int,
+    shard: dict | None,
+) -> None:
+    """Refuse, in one line, a store that holds another extraction than this one
+    (settings, shard or input): it may be neither resumed nor counted as done."""
+    differences = identity_differences(
+        ExtractionSettings.with_defaults(existing.settings),
+        extractor.codes_settings(),
+        names=("file has", "this run asks"),
+    )
+    if existing.shard != shard:
+        differences.append(f"shard: file has {existing.shard}, this run {shard}")
+    if existing.index_sha256 != index.fingerprint():
+        differences.append(
+            f"input: the file indexed {existing.num_images} images, "
+            f"{str(index.root)!r} now gives {num_images} (or other paths or "
+            f"labels)"
+        )
     if differences:
         raise TLError(
-            f"{str(target)!r} holds an extraction with other settings: "
+            f"{str(existing.path)!r} holds an extraction with other settings: "
             f"{'; '.join(differences)}. Pass --overwrite (overwrite=True) to "
             f"replace it, or choose another --output."
         )
-    return None if complete else StoreWriter.resume(target)
 
 
 def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -461,6 +527,9 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    client: Client | str | None = None,
+    keep_shards: bool = False,
+    speed_hint: bool = False,
     **setting_overrides,
 ) -> ExtractionResult:
     """Extract the CNN codes of several layers for every image of `source`.
@@ -485,18 +554,46 @@ def extract(
         progress: show a progress bar (images/s, ETA).
         on_batch: called as `on_batch(images_done, images_total)` after each batch
             is safely written.
+        client: run on a Dask cluster (`pip install 'tl[dask]'`): a
+            `distributed.Client`, `"local:N"` (N worker processes here) or a
+            scheduler address. The index is split into shards that the workers
+            extract under `<output>.shards/`, then merged into `output`; see
+            `tl.distributed.extract`.
+        keep_shards: with `client`, keep the shard folder after the merge.
+        speed_hint: on a CPU with OpenVINO installed, a long float32 run first
+            measures how much faster OpenVINO bfloat16 and int8 would be, on a few
+            of its images, and logs it (`tl.engines.hint`; not with `client`).
 
     Returns:
         An `ExtractionResult` (path, rows written, skipped files, timing).
     """
     settings = (settings or ExtractionSettings()).updated(**setting_overrides)
+    if settings.engine.calibration_images and not settings.engine.calibration_source:
+        settings = settings.updated(calibration_source=str(source))
     check_interval("batch_size", batch_size, low=1, integer=True)
+    if client is not None:
+        if shard is not None:
+            raise TLError(
+                "A run on Dask splits the input into shards itself; drop the shard "
+                "(--shard) or the client (--dask)."
+            )
+        from tl import distributed
+
+        return distributed.extract(
+            source,
+            output,
+            settings,
+            client=client,
+            batch_size=batch_size,
+            compression=compression,
+            overwrite=overwrite,
+            progress=progress,
+            on_batch=on_batch,
+            keep_shards=keep_shards,
+        )
     output = Path(output)
     extractor = load_extractor(settings)
-    settings = extractor.settings
-    index = index_images(source, settings.labels)
-    start, stop = shard_range(len(index), shard)
-    shard_info = {"index": shard[0], "count": shard[1]} if shard else None
+    index = index_images(source, extractor.settings.labels)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with acquire(output, "extraction"):
@@ -504,78 +601,133 @@ def extract(
         target = replacement_path(output) if overwrite else output
         if overwrite:
             log.info("writing %s; it replaces %s once complete", target, output)
-        writer = _open_store(
+        processed, seconds = write_codes(
             target,
-            Path(source).expanduser().resolve(),
+            source,
             extractor,
             index,
-            stop - start,
-            shard_info,
-            compression,
-            overwrite,
+            shard=shard,
+            compression=compression,
+            start_over=overwrite,
+            batch_size=batch_size,
+            progress=progress,
+            on_batch=on_batch,
+            speed_hint=speed_hint,
         )
-        processed, seconds = 0, 0.0
-        if writer is None:
-            log.info("%s is already complete; nothing to do.", target)
-        else:
-            with writer:
-                processed, seconds = _extract_rest(
-                    extractor,
-                    index,
-                    writer,
-                    start,
-                    stop,
-                    batch_size,
-                    progress,
-                    on_batch,
-                )
-                writer.finish()
         if overwrite:
             target.replace(output)
-        with FeatureStore(output) as store:
-            result = ExtractionResult(
-                output, settings, len(store), store.skipped, processed, seconds
-            )
+        return finished_result(output, settings, processed, seconds)
+
+
+def finished_result(
+    output: Path, settings: ExtractionSettings, processed: int, seconds: float
+) -> ExtractionResult:
+    """The result of an extraction into the complete store `output`; its skipped
+    files are logged."""
+    with FeatureStore(output) as store:
+        result = ExtractionResult(
+            output, settings, len(store), store.skipped, processed, seconds
+        )
     for _, path, reason in result.skipped:
         log.warning("skipped %s: %s", path, reason)
     return result
 
 
-def _extract_rest(
+def write_codes(
+    target: Path,
+    source: str | Path,
     extractor: Extractor,
     index: ImageIndex,
-    writer: StoreWriter,
-    start: int,
-    stop: int,
+    *,
+    shard: tuple[int, int] | None,
+    compression: str | None,
+    start_over: bool,
     batch_size: int,
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
+    announce: bool = True,
+    speed_hint: bool = False,
 ) -> tuple[int, float]:
-    """Say what is to be done, check that it fits, and run: (images, seconds)."""
-    done = writer.images_done
-    remaining = stop - start - done
+    """Fill the store `target` with the codes of `index` (or of its `shard`),
+    resuming what it holds, and mark it complete. The caller holds its lock.
+
+    A store there with other settings or input is refused, or with `start_over`
+    replaced, as is one that cannot be resumed. `announce` logs the plan first;
+    `speed_hint` then measures and logs a faster engine (`tl.engines.hint`).
+
+    Returns:
+        (images processed, seconds) by this call.
+    """
+    start, stop = shard_range(len(index), shard)
+    writer = _open_store(
+        target,
+        Path(source).expanduser().resolve(),
+        extractor,
+        index,
+        stop - start,
+        {"index": shard[0], "count": shard[1]} if shard else None,
+        compression,
+        start_over,
+    )
+    if writer is None:
+        log.info("%s is already complete; nothing to do.", target)
+        return 0, 0.0
+    with writer:
+        done = writer.images_done
+        needed = codes_bytes(
+            extractor.layer_info(),
+            stop - start,
+            writer.rows,
+            index.paths[start + done : stop],
+        )
+        if announce:
+            describe_plan(extractor, index, stop - start, done, needed)
+        check_disk(writer.path, needed)
+        if speed_hint:
+            paths = index.absolute_paths()[start + done : stop]
+            if line := measured_speed_hint(extractor, paths):
+                log.info("hint: %s", line)
+        began = time.perf_counter()
+        _append_batches(
+            extractor, index, writer, start, stop, batch_size, progress, on_batch
+        )
+        seconds = time.perf_counter() - began
+        writer.finish()
+    return stop - start - done, seconds
+
+
+def codes_bytes(
+    layers: list[dict], num_images: int, rows: int, paths: Sequence[str]
+) -> int:
+    """Bytes that the rows of `paths` add to a store of `num_images` images that holds
+    `rows` rows (`tl.store.estimated_bytes`)."""
+    path_bytes = sum(len(path.encode()) for path in paths)
+    return estimated_bytes(
+        layers, num_images, rows + len(paths), path_bytes
+    ) - estimated_bytes(layers, num_images, rows, 0)
+
+
+def describe_plan(
+    extractor: Extractor, index: ImageIndex, images: int, done: int, needed: int
+) -> None:
+    """Log what an extraction of `images` images, `done` of them already, will do:
+    the input, its ignored files, the codes per layer and the bytes to write."""
+    remaining = images - done
     log.info(
         "%s: %d images (%s), %s%s",
         index.root,
-        stop - start,
+        images,
         f"{len(index.class_names)} classes" if index.class_names else "unlabeled",
         f"resuming after {done}, " if done else "",
         f"{remaining} to go",
     )
     for path, reason in index.ignored:
         log.warning("ignored %s: %s", path, reason)
-    layers = extractor.layer_info()
-    needed = estimated_bytes(
-        layers,
-        stop - start,
-        writer.rows + remaining,
-        sum(len(path.encode()) for path in index.paths[start + done : stop]),
-    ) - estimated_bytes(layers, stop - start, writer.rows, 0)
     log.info(
         "codes per layer (%s), about %s to write:\n%s",
         extractor.settings.dtype,
         format_bytes(needed),
-        "\n".join(storage_plan(layers, remaining)),
+        "\n".join(storage_plan(extractor.layer_info(), remaining)),
     )
     if extractor.weights.source == "none":
         log.warning(
@@ -583,10 +735,6 @@ def _extract_rest(
             "on them, say nothing about the pretrained %s.",
             extractor.spec.name,
         )
-    _check_disk(writer.path, needed)
-    began = time.perf_counter()
-    _write_codes(extractor, index, writer, start, stop, batch_size, progress, on_batch)
-    return remaining, time.perf_counter() - began
 
 
 @dataclasses.dataclass
@@ -605,15 +753,13 @@ def iter_codes(
 ) -> Iterator[CodeBatch]:
     """Codes of `paths[first:]`, batch by batch, with every dropped file diagnosed
     (see `tl.images.decoded_batches`)."""
-    codes_of = compiled_extractor(extractor.model)
+    codes_of = extractor.compiled.codes_of
     for batch in decoded_batches(paths, extractor.settings.image, batch_size, first):
-        codes = {}
-        if batch.images is not None:
-            codes = {k: v.numpy() for k, v in codes_of(batch.images).items()}
+        codes = codes_of(batch.images) if batch.images is not None else {}
         yield CodeBatch(batch.positions, codes, batch.skipped, batch.end)
 
 
-def _write_codes(
+def _append_batches(
     extractor: Extractor,
     index: ImageIndex,
     writer: StoreWriter,

@@ -25,7 +25,7 @@ from tl.finetune.saved import MODEL_FORMAT as FINETUNED_FORMAT
 from tl.finetune.saved import load_finetuned
 from tl.images import UNLABELED, ImageIndex, index_folder, is_image_file
 from tl.model_folder import model_format
-from tl.provenance import identity_differences, layer_identity
+from tl.provenance import INFERENCE_KEYS, identity_differences, layer_identity
 
 
 def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
@@ -57,13 +57,42 @@ def index_inputs(inputs: list[str], class_names: list[str]) -> ImageIndex:
     return ImageIndex(Path("/"), paths, labels, [])
 
 
-def extraction_settings(model: SavedClassifier) -> ExtractionSettings:
-    """The settings that made the model's training codes, for its one layer."""
-    stored = model.metadata["extraction"]
-    return dataclasses.replace(
-        ExtractionSettings.from_json(stored),
+def extraction_settings(
+    model: SavedClassifier,
+    engine: str | None = None,
+    precision: str | None = None,
+    allow_engine_mismatch: bool = False,
+) -> ExtractionSettings:
+    """The settings that made the model's training codes, for its one layer.
+
+    `engine` and `precision` (None: those of the training codes) may differ from the
+    training codes' only with `allow_engine_mismatch`: other codes may be classified
+    worse. A switch to int8 calibrates on the training images.
+    """
+    trained = dataclasses.replace(
+        ExtractionSettings.from_json(model.metadata["extraction"]),
         layers=(model.layer_info["layer"],),
         pooling=(model.layer_info["pooling"],),
+    )
+    made_by = (trained.engine.name, trained.backbone.precision)
+    wanted = (engine or made_by[0], precision or made_by[1])
+    if wanted == made_by:
+        return trained
+    if not allow_engine_mismatch:
+        raise TLError(
+            f"The model was trained on codes made by {made_by[0]} {made_by[1]}; "
+            f"{wanted[0]} {wanted[1]} makes other codes, which it may classify worse. "
+            f"Predict without --engine/--precision, or pass --allow-engine-mismatch "
+            f"to accept that risk."
+        )
+    source = trained.engine.calibration_source or model.metadata.get(
+        "provenance", {}
+    ).get("source")
+    return trained.updated(
+        engine=wanted[0],
+        precision=wanted[1],
+        calibration_images=None,
+        calibration_source=source if wanted[1] == "int8" else None,
     )
 
 
@@ -73,8 +102,15 @@ def predict_images(
     *,
     batch_size: int = 32,
     progress: bool = True,
+    engine: str | None = None,
+    precision: str | None = None,
+    allow_engine_mismatch: bool = False,
 ) -> pd.DataFrame:
     """Classify images with a model saved by train_classifier.py or fine_tune.py.
+
+    A linear probe's codes are computed by the engine and precision of its training
+    codes unless `engine`/`precision` say otherwise, which needs
+    `allow_engine_mismatch` (see `extraction_settings`).
 
     Returns:
         One row per image: `path`, `predicted` (class name), `score` (probability of
@@ -82,13 +118,21 @@ def predict_images(
         folder's sub-folders give labels), `error` (why an image was skipped).
     """
     if model_format(model_dir) == FINETUNED_FORMAT:
+        if engine or precision:
+            raise TLError(
+                "--engine and --precision apply to linear probes; a fine-tuned model "
+                "runs in Keras at the precision it was trained with."
+            )
         model = load_finetuned(model_dir)
         index = index_inputs(inputs, model.class_names)
         records = _finetuned_records(model, index, batch_size)
     else:
         model = load_classifier(model_dir)
         index = index_inputs(inputs, model.class_names)
-        records = _probe_records(model, model_dir, index, batch_size, progress)
+        settings = extraction_settings(model, engine, precision, allow_engine_mismatch)
+        records = _probe_records(
+            model, model_dir, settings, index, batch_size, progress
+        )
     names = model.class_names
     table = pd.DataFrame(
         [{"path": index.paths[i], **records[i]} for i in range(len(index))]
@@ -105,15 +149,19 @@ def _skipped_record(reason: str) -> dict:
 def _probe_records(
     model: SavedClassifier,
     model_dir: str | Path,
+    settings: ExtractionSettings,
     index: ImageIndex,
     batch_size: int,
     progress: bool,
 ) -> dict[int, dict]:
-    """Rebuild the training codes' extractor for the model's layer, then classify."""
-    extractor = load_extractor(extraction_settings(model))
+    """Rebuild the training codes' extractor for the model's layer (with `settings`:
+    the engine and precision may be others), then classify."""
+    extractor = load_extractor(settings)
     differences = identity_differences(
         model.identity,
         layer_identity(extractor.codes_settings(), extractor.layer_info()[0]),
+        # what `extraction_settings` let differ; a mismatch of the rest is refused
+        ignore=INFERENCE_KEYS,
         names=("at training", "now"),
     )
     if differences:

@@ -3,10 +3,11 @@
 Every "were these codes made the same way?" question in tl is answered here:
 
 - `codes_identity` is the canonical JSON of everything that determines the codes of
-  an extraction (backbone, weights by SHA-256, precision, image settings,
-  preprocessing, resolved layers and pooling, dtype, the store's schema, this
-  module's `CODE_VERSION` and, given an index, every image's path, label, size and
-  modification time), with its SHA-256: a key under which codes can be cached.
+  an extraction (backbone, weights by SHA-256, precision, engine and int8
+  calibration sample by SHA-256, image settings, preprocessing, resolved layers and
+  pooling, dtype, the store's schema, this module's `CODE_VERSION` and, given an
+  index, every image's path, label, size and modification time), with its SHA-256:
+  a key under which codes can be cached.
 - `layer_identity` is what a saved probe must match in a store: the codes of one
   layer, read from the flat settings that stores and model folders keep.
 - `identity_differences` names, key by key, how two identities (or two stored
@@ -14,10 +15,12 @@ Every "were these codes made the same way?" question in tl is answered here:
   stores against training stores, LP-FT heads against their model, prediction and
   fine-tuning resume all use it.
 
-Both identities are generic over the fields of `BackboneSettings` and
-`ImageSettings`: a field added there is part of them without being listed here.
-Weights are named by their SHA-256 when it is known, so one weights file under two
-paths is the same weights; the seed counts only for random weights.
+Both identities are generic over the fields of `BackboneSettings`,
+`EngineSettings` and `ImageSettings`: a field added there is part of them without
+being listed here. Weights are named by their SHA-256 when it is known, so one
+weights file under two paths is the same weights; the seed counts only for random
+weights. An int8 calibration sample is named by its SHA-256, never by its folder.
+Stores written before engines existed read as Keras codes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tl.engines import EngineSettings
 
 if TYPE_CHECKING:
     from tl.features import ExtractionSettings, Extractor
@@ -60,6 +65,23 @@ class Identity:
         return json.loads(self.canonical)
 
 
+def _engine_identity(settings: dict, calibration_sha256: str | None) -> dict:
+    """The engine's part of an identity, from flat settings: every `EngineSettings`
+    key (its default where an older tl wrote none: Keras) but the calibration
+    source, which is named by the SHA-256 of its int8 sample instead."""
+    filled = EngineSettings.with_defaults(settings)
+    values = {key: filled.get(key) for key in _ENGINE_KEYS}
+    values["calibration_sha256"] = calibration_sha256
+    return values
+
+
+_ENGINE_KEYS = EngineSettings.json_keys() - {"calibration_source"}
+# The identity keys that say how the extractor ran rather than what it computes:
+# codes that differ in these differ by rounding (int8 the most), so a fine-tuned
+# model's --init-head and predict.py --allow-engine-mismatch may let them differ.
+INFERENCE_KEYS = ("precision", *sorted(_ENGINE_KEYS), "calibration_sha256")
+
+
 def _backbone_identity(settings: dict, weights_sha256: str | None) -> dict:
     """The backbone's part of an identity, from flat settings: every
     `BackboneSettings` key (its default where an older tl wrote none), the weights
@@ -85,7 +107,7 @@ def layer_identity(settings: dict, layer_info: dict) -> dict:
 
     Args:
         settings: the flat settings a store (or a model's `extraction`) records,
-            with `weights_sha256`.
+            with `weights_sha256` and `calibration_sha256`.
         layer_info: the layer's entry of the store's `layer_info`.
     """
     from tl.images import ImageSettings
@@ -93,6 +115,7 @@ def layer_identity(settings: dict, layer_info: dict) -> dict:
     image = ImageSettings.with_defaults(settings)
     return {
         **_backbone_identity(settings, settings.get("weights_sha256")),
+        **_engine_identity(settings, settings.get("calibration_sha256")),
         # max_pixels decides which images are refused, never the codes of one
         **{key: image[key] for key in ImageSettings.json_keys() - {"max_pixels"}},
         "layer": layer_info["layer"],
@@ -106,6 +129,7 @@ def codes_identity(
     *,
     weights_sha256: str | None,
     layers: Sequence[str],
+    calibration_sha256: str | None = None,
     hash_content: bool = False,
 ) -> Identity:
     """Everything that determines the codes of an extraction, and its SHA-256.
@@ -117,6 +141,8 @@ def codes_identity(
         index: the images; None leaves them out (the identity of the extractor).
         weights_sha256: the SHA-256 of the weights file (`WeightsInfo.sha256`).
         layers: the Keras layer names the requested layers resolved to, in order.
+        calibration_sha256: the SHA-256 of the int8 calibration sample
+            (`tl.engines.calibration.Calibration.sha256`), None for other precisions.
         hash_content: name each image by the SHA-256 of its bytes instead of its
             size and modification time (slower; survives copying the folder).
     """
@@ -125,9 +151,11 @@ def codes_identity(
 
     settings = settings.resolved()
     flat = settings.to_json()
+    parts = BackboneSettings.json_keys() | EngineSettings.json_keys()
     values = {
-        **{k: v for k, v in flat.items() if k not in BackboneSettings.json_keys()},
+        **{k: v for k, v in flat.items() if k not in parts},
         **_backbone_identity(flat, weights_sha256),
+        **_engine_identity(flat, calibration_sha256),
         "preprocessing": settings.backbone.spec.preprocessing,
         "layers": [list(pair) for pair in zip(layers, flat["pooling"], strict=True)],
         "schema_version": SCHEMA_VERSION,
@@ -224,7 +252,8 @@ def library_versions() -> dict[str, str]:
 def provenance_record(extractor: Extractor, source: Path, index: ImageIndex) -> dict:
     """How a store's codes were made, as stored in its `provenance` attribute: the
     versions, time, host, source, constructor, preprocessing, where the weights came
-    from, and the SHA-256 of the codes' identity (`codes_identity`)."""
+    from, how the engine ran them (versions, precision hint, int8 check) and the
+    SHA-256 of the codes' identity (`codes_identity`)."""
     from tl.backbones import PREPROCESSING_MODES
 
     spec = extractor.spec
@@ -238,5 +267,6 @@ def provenance_record(extractor: Extractor, source: Path, index: ImageIndex) -> 
         "preprocessing_description": PREPROCESSING_MODES[spec.preprocessing],
         "weights": dataclasses.asdict(extractor.weights),
         "image_size": list(extractor.settings.image.size),
+        "inference": extractor.compiled.provenance,
         "codes_identity": extractor.identity(index).sha256,
     }

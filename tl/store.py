@@ -68,6 +68,7 @@ _STRING = h5py.string_dtype()
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _CHUNK_BYTES = 1 << 20
 _MAX_CHUNK_ROWS = 4096
+_MERGE_BLOCK_ROWS = 4096  # rows a merge copies at a time: memory stays flat
 # Measured (tests/test_store.py): a variable-length string costs a 16-byte reference
 # in its dataset plus a 16-byte global-heap header and its UTF-8 text padded to 8
 # bytes (4 on average); superblock, groups, object headers, attributes, chunk
@@ -589,14 +590,26 @@ def _damaged(path, detail: str) -> TLError:
 
 
 def _skipped_count(handle: h5py.File) -> int:
-    """Committed entries of /skipped (version 1 files have no counter for them)."""
+    """Committed entries of /skipped.
+
+    Version 1 files have no counter for them: the committed ones are those before
+    the first position not yet consumed. Positions count from the start of the
+    whole index, `images_done` from the start of the store's slice (a shard's), so
+    the slice's start is needed: the lowest position stored, since the first image
+    consumed became either a row or a skipped entry.
+    """
     attrs = handle.attrs
     if "skipped_rows" in attrs:
         return int(attrs["skipped_rows"])
     positions = handle["skipped/positions"][:]
+    done = int(attrs["images_done"])
     if attrs["complete"]:
         return len(positions)
-    return int(np.sum(positions < int(attrs["images_done"])))
+    if not done:
+        return 0
+    first_row = handle["positions"][:1] if int(attrs["rows"]) else []
+    start = int(np.min(np.concatenate([first_row, positions[:1]])))
+    return int(np.sum(positions < start + done))
 
 
 def _strings_dataset(handle, name: str, values: Sequence[str]) -> None:
@@ -605,10 +618,9 @@ def _strings_dataset(handle, name: str, values: Sequence[str]) -> None:
     )
 
 
-def _strings(dataset, count: int | None = None) -> list[str]:
+def _strings(dataset, rows: slice = slice(None)) -> list[str]:
     return [
-        value.decode() if isinstance(value, bytes) else value
-        for value in dataset[:count]
+        value.decode() if isinstance(value, bytes) else value for value in dataset[rows]
     ]
 
 
@@ -740,6 +752,12 @@ class FeatureStore:
         """Dataset keys, in the order they were requested."""
         return [info["key"] for info in self.layer_info]
 
+    @property
+    def images_done(self) -> int:
+        """Input positions consumed so far (written or skipped), counted from the
+        start of this store's slice of the index."""
+        return int(self._file.attrs["images_done"])
+
     def __len__(self) -> int:
         return int(self._file.attrs["rows"])
 
@@ -803,7 +821,7 @@ class FeatureStore:
 
     @property
     def paths(self) -> list[str]:
-        return _strings(self._file["paths"], len(self))
+        return _strings(self._file["paths"], slice(len(self)))
 
     @property
     def positions(self) -> np.ndarray:
@@ -820,8 +838,8 @@ class FeatureStore:
         return list(
             zip(
                 group["positions"][:count].tolist(),
-                _strings(group["paths"], count),
-                _strings(group["reasons"], count),
+                _strings(group["paths"], slice(count)),
+                _strings(group["reasons"], slice(count)),
                 strict=True,
             )
         )
@@ -870,16 +888,22 @@ def merge_stores(
                 f"{str(output)!r} exists; pass overwrite=True (--overwrite) to replace "
                 f"it."
             )
-        stores = [FeatureStore(path) for path in shard_paths]
-        try:
-            _check_shards(stores)
-            stores.sort(key=lambda store: store.shard["index"])
-            temporary = output.with_name(output.name + ".merging")
-            _copy_shards(stores, temporary)
-            temporary.replace(output)
-        finally:
-            for store in stores:
-                store.close()
+        return merge_into(shard_paths, output)
+
+
+def merge_into(shard_paths: Sequence[str | Path], output: Path) -> Path:
+    """The merge itself (see `merge_stores`), for a caller that holds the output's
+    writer lock and has decided that `output` may be replaced."""
+    stores = [FeatureStore(path) for path in shard_paths]
+    try:
+        _check_shards(stores)
+        stores.sort(key=lambda store: store.shard["index"])
+        temporary = output.with_name(output.name + ".merging")
+        _copy_shards(stores, temporary)
+        temporary.replace(output)
+    finally:
+        for store in stores:
+            store.close()
     return output
 
 
@@ -899,13 +923,14 @@ def _copy_shards(stores: list[FeatureStore], path: Path) -> None:
     with writer:
         done = 0
         for store in stores:
-            for start in range(0, len(store), 4096):
-                rows = slice(start, min(start + 4096, len(store)))
+            handle = store._file
+            for start in range(0, len(store), _MERGE_BLOCK_ROWS):
+                rows = slice(start, min(start + _MERGE_BLOCK_ROWS, len(store)))
                 writer.write_batch(
                     {key: store.read(key, rows) for key in store.layers},
-                    store.positions[rows],
-                    store.labels[rows],
-                    store.paths[rows],
+                    handle["positions"][rows],
+                    handle["labels"][rows],
+                    _strings(handle["paths"], rows),
                     skipped=[],
                     images_done=done,
                 )

@@ -29,8 +29,8 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from tl.engines.keras import compiled_extractor
 from tl.errors import TLError
-from tl.features import compiled_extractor
 from tl.images import ImageIndex, decoded_batches
 from tl.store import format_bytes
 

@@ -23,7 +23,7 @@ from tl.errors import TLError
 from tl.evaluation import ComparisonSettings, choose_hyperparameters, fit_pipeline
 from tl.finetune.model import FineTuneModel, HeadInput
 from tl.finetune.settings import FineTuneSettings
-from tl.provenance import identity_differences, layer_identity
+from tl.provenance import INFERENCE_KEYS, identity_differences, layer_identity
 
 PROBE_CLASSIFIER = "logreg"
 _PARALLEL_SEARCH_VALUES = 2_000_000
@@ -204,8 +204,8 @@ def check_init_head(
 
     The codes must come from the same backbone, weights (by SHA-256), image size,
     resize, interpolation and antialiasing, at the backbone's final layer with the
-    model's global pooling. (The compute precision may differ: it changes codes by
-    rounding.)
+    model's global pooling. (The compute precision and engine may differ: they change
+    codes by rounding.)
     """
     settings = settings.resolved()
     ours = layer_identity(
@@ -216,7 +216,7 @@ def check_init_head(
         {"layer": net.final_layer, "pooling": settings.pooling},
     )
     differences = identity_differences(
-        saved.identity, ours, ignore=("precision",), names=("probe has", "this model")
+        saved.identity, ours, ignore=INFERENCE_KEYS, names=("probe has", "this model")
     )
     if differences:
         hint = ""

@@ -17,8 +17,8 @@ import keras
 import numpy as np
 
 from tl.backbones import get_backbone
+from tl.engines.keras import compiled_extractor
 from tl.errors import TLError
-from tl.features import compiled_extractor
 from tl.finetune.data import _over_images
 from tl.images import ImageSettings
 from tl.model_folder import (

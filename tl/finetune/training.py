@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tl.engines.keras import compiled_extractor
 from tl.errors import TLError
-from tl.features import compiled_extractor
 from tl.finetune.cache import FrozenPass, Rows
 from tl.finetune.checkpoint import (
     _BEST,
