@@ -115,7 +115,7 @@ def part_b(images: Path, work: Path, size: int) -> None:
     """Both stage 1s on the same images and model: tl's own pieces, timed."""
     import keras
 
-    from tl.features import compiled_extractor
+    from tl.engines.keras import compiled_extractor
     from tl.finetune import FineTuneSettings, build_model, labelled_index
     from tl.finetune.cache import CachePlan, frozen_pass
     from tl.finetune.data import _over_images, _training_batches, prepare_splits

@@ -151,8 +151,6 @@ class FineTuneSettings(FlatSettings):
         check_choice("from_scratch", self.from_scratch, (True, False, None))
         if self.init_head is not None:
             set_("init_head", str(Path(self.init_head).expanduser().resolve()))
-        self._check_head()
-        self._check_scratch()
         self._check_numbers()
         fraction = layer_fraction(self.unfreeze)
         if fraction is not None:
@@ -164,6 +162,9 @@ class FineTuneSettings(FlatSettings):
                 closed="right",
                 advice="To train the head only, pass --epochs 0.",
             )
+        # Each value is checked before the combinations: a bad value is named as such.
+        self._check_head()
+        self._check_scratch()
 
     def _check_head(self) -> None:
         if self.init_head is not None:
