@@ -63,7 +63,7 @@ def section_a(results: dict, images: int, backbone: str, repeats: int) -> None:
 
     print(f"\n(a) local:2 vs one process: {images} JPEGs 500x375, {backbone} at 224")
     folder = jpeg_folder(images)
-    settings = ExtractionSettings(
+    settings = ExtractionSettings.create(
         backbone=backbone, weights="none", layers=["last"], image_size=224
     )
     options = dict(batch_size=BATCH, overwrite=True, progress=False)

@@ -349,7 +349,7 @@ def section_f(results: dict, images: int, weights_vgg: str, repeats: int) -> Non
             rows: dict[tuple[str, str], dict] = {}
             for _ in range(repeats):  # rounds over every engine, so noise hits all
                 for engine, precision in ENGINE_RUNS:
-                    settings = ExtractionSettings(
+                    settings = ExtractionSettings.create(
                         backbone=backbone,
                         weights=weights,
                         layers=layers,
